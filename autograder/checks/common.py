@@ -1,0 +1,143 @@
+"""Helpers shared by the chapter checks: calling student code, comparing, diagnosing.
+
+Every failure is a :class:`CheckFailure` (an ``AssertionError``) whose message says what
+was called, on which input, what was expected, what came back and, when the result
+matches the fingerprint of a known mistake, which mistake it is.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import textwrap
+import warnings
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from autograder.checks import trusted as T
+
+
+class CheckFailure(AssertionError):
+    """A failed check, with a message meant for the student."""
+
+
+def show(a: np.ndarray, limit: int = 160) -> str:
+    """A short, readable rendering of an array for messages."""
+    text = T.np_array2string(T.np_asarray(a), precision=4, threshold=12, edgeitems=2, max_line_width=100)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def call(fn: Callable, *args, label: str, **kwargs):
+    """Call student code; turn its exceptions into a message that names the call."""
+    if not callable(fn):
+        raise CheckFailure(f"{label}: expected a function or class, got {T.type_name(fn)}.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with T.np_errstate(all="ignore"):
+                return fn(*args, **kwargs)
+    except NotImplementedError:
+        raise CheckFailure(f"{label}: not implemented yet (the cell still raises NotImplementedError).") from None
+    except CheckFailure:
+        raise
+    except Exception as exc:  # noqa: BLE001  (any student error becomes a message)
+        raise CheckFailure(f"{label} raised {T.type_name(exc)}: {exc}") from None
+
+
+def to_float64(result, *, label: str, what: str = "result", allow_tensor: bool = True) -> np.ndarray:
+    """Validate the exact type of a student result and return a float64 NumPy copy."""
+    if T._type(result) is T.ndarray:
+        return T.ndarray_to_float64(result)
+    if allow_tensor and T.is_tensor(result):
+        return T.tensor_to_float64(result)
+    wanted = "a NumPy array" + (" or a torch.Tensor" if allow_tensor else "")
+    raise CheckFailure(f"{label}: the {what} should be {wanted}, got {T.type_name(result)}.")
+
+
+def expect_shape(actual: np.ndarray, shape: tuple, *, label: str, what: str = "result") -> None:
+    if T._tuple(actual.shape) != T._tuple(shape):
+        raise CheckFailure(f"{label}: the {what} should have shape {T._tuple(shape)}, got {T._tuple(actual.shape)}.")
+
+
+def max_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    """Largest absolute difference, treating equal infinities and NaN-vs-NaN as agreement."""
+    both_nan = T.np_isnan(actual) & T.np_isnan(expected)
+    same_inf = T.np_isinf(actual) & (actual == expected)
+    with T.np_errstate(invalid="ignore"):
+        diff = T.np_abs(actual - expected)
+    diff[both_nan | same_inf] = 0.0
+    diff[T.np_isnan(diff)] = float("inf")
+    return float(T.np_max(diff)) if diff.size else 0.0
+
+
+def matches(actual: np.ndarray, expected: np.ndarray, atol: float, rtol: float = 0.0) -> bool:
+    if T._tuple(actual.shape) != T._tuple(expected.shape):
+        return False
+    scale = float(T.np_max(T.np_abs(expected[T.np_isfinite(expected)]))) if T.np_isfinite(expected).any() else 0.0
+    return max_error(actual, expected) <= atol + rtol * scale
+
+
+def diagnose(actual: np.ndarray, fingerprints: Mapping[str, Callable[[], np.ndarray]], atol: float) -> str | None:
+    """Name the first known mistake whose output ``actual`` reproduces, if any."""
+    for mistake, make in fingerprints.items():
+        try:
+            with T.np_errstate(all="ignore"):
+                candidate = T.np_asarray(make(), dtype=T.np_float64)
+        except Exception:  # noqa: BLE001  (a fingerprint that does not apply to this input)
+            continue
+        if matches(actual, candidate, atol):
+            return mistake
+    return None
+
+
+def expect_close(
+    actual: np.ndarray,
+    expected: np.ndarray,
+    *,
+    label: str,
+    atol: float,
+    rtol: float = 0.0,
+    what: str = "result",
+    fingerprints: Mapping[str, Callable[[], np.ndarray]] | None = None,
+) -> None:
+    """Fail with expected/got/diagnosis when ``actual`` is not within tolerance of ``expected``."""
+    expect_shape(actual, expected.shape, label=label, what=what)
+    if matches(actual, expected, atol, rtol):
+        return
+    mistake = diagnose(actual, fingerprints or {}, atol=max(atol, 1e-6))
+    lines = [
+        f"{label}: the {what} is wrong (largest error {max_error(actual, expected):.3g}, tolerance {atol:.1g}).",
+        f"  expected: {show(expected)}",
+        f"  got:      {show(actual)}",
+    ]
+    if not T.np_isfinite(actual).all() and T.np_isfinite(expected).all():
+        lines.append("  Your result contains NaN or inf where the correct one is finite.")
+    if mistake:
+        lines.append(f"  Likely mistake: {mistake}")
+    raise CheckFailure("\n".join(lines))
+
+
+def loops_in(fn: Callable) -> list[str]:
+    """Python-level loops in ``fn``'s source (for 'vectorise it' exercises); [] when unknown."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return []
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.For, ast.While, ast.AsyncFor)):
+            found.append(f"a {type(node).__name__.lower()} loop on line {node.lineno}")
+        elif isinstance(node, (ast.ListComp, ast.GeneratorExp, ast.SetComp, ast.DictComp)):
+            found.append(f"a comprehension on line {node.lineno}")
+        elif isinstance(node, ast.Attribute) and node.attr in {"vectorize", "apply_along_axis", "frompyfunc"}:
+            found.append(f"np.{node.attr} on line {node.lineno}")
+        elif isinstance(node, ast.Name) and node.id == "map":
+            found.append(f"map() on line {node.lineno}")
+    return found
+
+
+def passed(name: str, count: int, hidden: bool = False) -> None:
+    kind = "hidden" if hidden else "visible"
+    print(f"\u2714 {name}: {count} {kind} checks passed")

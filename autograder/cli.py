@@ -1,0 +1,87 @@
+"""``python -m autograder <verb>``: sync, release, check, book (and grade)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from autograder.course import ROOT
+
+
+def _sync(args: argparse.Namespace) -> int:
+    from autograder.sync import sync
+
+    drifted = sync(check=args.check)
+    if args.check:
+        if drifted:
+            print("These notebooks differ from solutions/ (run `python -m autograder sync`):", file=sys.stderr)
+            for name in drifted:
+                print(f"  chapters/{name}", file=sys.stderr)
+            return 1
+        print("chapters/ match solutions/.")
+        return 0
+    print("Rewrote: " + ", ".join(drifted) if drifted else "chapters/ already match solutions/.")
+    return 0
+
+
+def _release(args: argparse.Namespace) -> int:
+    from autograder.release import release
+
+    out = release(Path(args.out).resolve())
+    print(f"Course directory ready: {out}/source (instructor) and {out}/release (students).")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from autograder.check import CannotGrade, check
+
+    try:
+        report = check(Path(args.notebook), chapter=args.chapter, cell_timeout=args.timeout)
+    except CannotGrade as exc:
+        print(f"cannot grade: {exc}", file=sys.stderr)
+        return 2
+    print(report.to_json() if args.json else report.table())
+    return 0
+
+
+def _book(args: argparse.Namespace) -> int:
+    from autograder.book import build_book
+
+    return build_book(jobs=args.jobs)
+
+
+def _grade(args: argparse.Namespace) -> int:
+    from autograder.grade import main as grade_main
+
+    return grade_main(args)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m autograder", description=__doc__)
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    s = sub.add_parser("sync", help="regenerate exercise cells in chapters/ from solutions/")
+    s.add_argument("--check", action="store_true", help="only report drift; exit 1 if any")
+    s.set_defaults(func=_sync)
+
+    s = sub.add_parser("release", help="build an nbgrader course directory (source/ and release/)")
+    s.add_argument("--out", default=str(ROOT / "_build" / "course"), help="course directory (default: _build/course)")
+    s.set_defaults(func=_release)
+
+    s = sub.add_parser("check", help="grade one notebook with nbgrader and print the results")
+    s.add_argument("notebook")
+    s.add_argument("--json", action="store_true", help="print the results as JSON")
+    s.add_argument("--chapter", help="the chapter (slug or number), when the notebook was renamed")
+    s.add_argument("--timeout", type=int, default=60, help="seconds per cell (default 60)")
+    s.set_defaults(func=_check)
+
+    s = sub.add_parser("book", help="execute the chapters, stage skeletons with outputs, build the HTML book")
+    s.add_argument("--jobs", type=int, default=2, help="notebooks executed in parallel (default 2)")
+    s.set_defaults(func=_book)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return args.func(args)
