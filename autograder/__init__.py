@@ -1,5 +1,7 @@
 """Checks, diagnostics, mutants and the nbgrader pipeline of "Attention, Head by Head"."""
 
+from autograder import checks as _checks  # noqa: F401  (captures trusted references early)
+
 __all__ = ["self_check"]
 
 

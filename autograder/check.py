@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,9 @@ from autograder.notebook_format import grade_id
 from autograder.release import generate_assignment, write_source
 
 STUDENT = "student"
+
+# nbgrader 0.9.6 with SQLAlchemy 2.1 warns about autoflush on every autograde; harmless.
+warnings.filterwarnings("ignore", message=".*not in session.*")
 
 
 class CannotGrade(Exception):
@@ -153,22 +157,34 @@ def gradebook_scores(course_dir: Path, assignment: str, student: str) -> dict[st
         return {g.name: (float(g.score), float(g.max_score)) for g in grades}
 
 
+def grade_batch(chapter: Chapter, submissions: dict[str, Path], cell_timeout: int = 60) -> dict[str, Report]:
+    """Grade several notebooks of one chapter in one temporary course directory.
+
+    ``submissions`` maps a student id to a notebook path; the files are copied, never changed.
+    """
+    reports = {}
+    with tempfile.TemporaryDirectory(prefix="autograder-check-") as tmp:
+        course = Path(tmp)
+        write_source(chapter, course)
+        generate_assignment(chapter, course)
+        api = nbgrader_api(course, cell_timeout)
+        for student, path in submissions.items():
+            submitted = course / "submitted" / student / chapter.slug / f"{chapter.slug}.ipynb"
+            submitted.parent.mkdir(parents=True)
+            shutil.copyfile(path, submitted)
+            result = api.autograde(chapter.slug, student, force=True, create=True)
+            autograded = course / "autograded" / student / chapter.slug / f"{chapter.slug}.ipynb"
+            if not result["success"] or not autograded.exists():
+                detail = (result.get("error") or result.get("log") or "").strip().splitlines()[-5:]
+                raise CannotGrade(f"{path}: nbgrader could not autograde it:\n  " + "\n  ".join(detail))
+            tests = results_from(autograded, gradebook_scores(course, chapter.slug, student))
+            reports[student] = Report(str(path), sum(t.points for t in tests), sum(t.max_points for t in tests), tests)
+    return reports
+
+
 def check(path: Path, chapter: str | None = None, cell_timeout: int = 60) -> Report:
     """Grade one notebook; raise ``CannotGrade`` when it cannot be graded at all."""
     path = Path(path)
     nb = load_notebook(path)
     ch = identify_chapter(nb, path, chapter)
-    with tempfile.TemporaryDirectory(prefix="autograder-check-") as tmp:
-        course = Path(tmp)
-        write_source(ch, course)
-        generate_assignment(ch, course)
-        submitted = course / "submitted" / STUDENT / ch.slug / f"{ch.slug}.ipynb"
-        submitted.parent.mkdir(parents=True)
-        shutil.copyfile(path, submitted)
-        result = nbgrader_api(course, cell_timeout).autograde(ch.slug, STUDENT, force=True, create=True)
-        autograded = course / "autograded" / STUDENT / ch.slug / f"{ch.slug}.ipynb"
-        if not result["success"] or not autograded.exists():
-            detail = (result.get("error") or result.get("log") or "").strip().splitlines()[-5:]
-            raise CannotGrade(f"{path}: nbgrader could not autograde it:\n  " + "\n  ".join(detail))
-        tests = results_from(autograded, gradebook_scores(course, ch.slug, STUDENT))
-    return Report(str(path), sum(t.points for t in tests), sum(t.max_points for t in tests), tests)
+    return grade_batch(ch, {STUDENT: path}, cell_timeout)[STUDENT]

@@ -18,7 +18,6 @@ CHAPTERS_DIR = ROOT / "chapters"
 SOLUTIONS_DIR = ROOT / "solutions"
 
 
-
 def _discover() -> tuple[str, ...]:
     """Chapters are the notebooks in ``chapters/`` that have a solutions module."""
     return tuple(

@@ -104,11 +104,7 @@ def hidden_test_source(ex: Exercise, form: Form) -> str:
     head = f"# Hidden tests for `{ex.name}` ({ex.hidden_points:g} points) run when your notebook is graded."
     if form != "source":
         return head
-    return (
-        f"{head}\n{BEGIN_HIDDEN}\n"
-        f"from {ex.checks_module} import hidden_{ex.name}\n\n"
-        f"hidden_{ex.name}({ex.name})\n{END_HIDDEN}"
-    )
+    return f"{head}\n{BEGIN_HIDDEN}\nfrom {ex.checks_module} import hidden_{ex.name}\n\nhidden_{ex.name}({ex.name})\n{END_HIDDEN}"
 
 
 def _code_cell(source: str, meta: dict) -> nbformat.NotebookNode:

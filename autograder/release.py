@@ -5,10 +5,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import nbformat
+
 from autograder.course import CHAPTERS, Chapter
 from autograder.nbgrader_config import nbgrader_api
 from autograder.notebook_format import clear_outputs, read, render
-import nbformat
 
 
 def write_source(chapter: Chapter, course_dir: Path) -> Path:

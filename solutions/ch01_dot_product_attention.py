@@ -31,9 +31,7 @@ def attend(query: np.ndarray, keys: np.ndarray, values: np.ndarray) -> tuple[np.
     ### END SOLUTION
 
 
-def dot_product_attention(
-    queries: np.ndarray, keys: np.ndarray, values: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def dot_product_attention(queries: np.ndarray, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Soft lookup of many queries at once, without a Python loop.
 
     queries (m, d), keys (n, d), values (n, d_v) -> (output (m, d_v), weights (m, n)).

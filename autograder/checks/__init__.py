@@ -1,7 +1,15 @@
 """Checks of the exercises: one module per chapter, ``visible_<name>`` and ``hidden_<name>``.
 
-The chapter's setup cell imports this package before any student code runs, so the
-primitives in :mod:`autograder.checks.trusted` are captured untouched.
+Importing this package (the chapters' setup cell does, through ``autograder``) imports every
+chapter's checks before any student code runs, so the references they capture at module
+level (see :mod:`autograder.checks.trusted`) are the untouched originals.
 """
 
+import importlib
+import pkgutil
+
 from autograder.checks import trusted as trusted  # noqa: F401  (capture primitives first)
+
+for _info in pkgutil.iter_modules(__path__):
+    if _info.name.startswith("ch") and _info.name[2:].isdigit():
+        importlib.import_module(f"{__name__}.{_info.name}")

@@ -28,12 +28,20 @@ def _softmax_fingerprints(x: np.ndarray, axis: int) -> dict:
         )
         for a in other_axes
     }
-    prints.update({
-        "divided the raw scores by their sum; softmax exponentiates first: exp(x) / sum(exp(x))": lambda: x / x.sum(axis=axis, keepdims=True),
-        "returned exp(x) without dividing by the sum, so the weights do not add up to 1": lambda: np.exp(x - x.max(axis=axis, keepdims=True)),
-        "returned the log-softmax (x - logsumexp) instead of the softmax": lambda: np.log(_softmax64(x, axis)),
-        "the sum was taken over the whole array instead of along `axis`": lambda: np.exp(x - x.max()) / np.exp(x - x.max()).sum(),
-    })
+    prints.update(
+        {
+            "divided the raw scores by their sum; softmax exponentiates first: exp(x) / sum(exp(x))": lambda: (
+                x / x.sum(axis=axis, keepdims=True)
+            ),
+            "returned exp(x) without dividing by the sum, so the weights do not add up to 1": lambda: np.exp(
+                x - x.max(axis=axis, keepdims=True)
+            ),
+            "returned the log-softmax (x - logsumexp) instead of the softmax": lambda: np.log(_softmax64(x, axis)),
+            "the sum was taken over the whole array instead of along `axis`": lambda: (
+                np.exp(x - x.max()) / np.exp(x - x.max()).sum()
+            ),
+        }
+    )
     return prints
 
 
@@ -90,11 +98,15 @@ def _attention_fingerprints(q, k, v, which: str) -> dict:
     s = q @ k.T
     idx = 0 if which == "out" else 1
     prints = {
-        "scaled the scores by 1/sqrt(d); chapter 1 uses unscaled scores q·k (scaling comes in chapter 2)": lambda: _pick(_softmax64(s / np.sqrt(d), -1), v, idx),
+        "scaled the scores by 1/sqrt(d); chapter 1 uses unscaled scores q·k (scaling comes in chapter 2)": lambda: _pick(
+            _softmax64(s / np.sqrt(d), -1), v, idx
+        ),
         "scaled the scores by 1/d; chapter 1 uses unscaled scores q·k": lambda: _pick(_softmax64(s / d, -1), v, idx),
         "used the raw scores as weights without a softmax": lambda: _pick(s, v, idx),
         "normalised the scores by their sum instead of a softmax": lambda: _pick(s / s.sum(-1, keepdims=True), v, idx),
-        "took the softmax over the queries (axis 0) instead of over the keys (the last axis)": lambda: _pick(_softmax64(s, 0), v, idx),
+        "took the softmax over the queries (axis 0) instead of over the keys (the last axis)": lambda: _pick(
+            _softmax64(s, 0), v, idx
+        ),
         "compared the query with the values instead of the keys": lambda: _pick(_softmax64(q @ v.T, -1), v, idx),
     }
     return prints
@@ -123,8 +135,22 @@ def _check_attend_case(attend, q, k, v, note: str = "") -> None:
     exp_out, exp_w = _attention64(q[None, :], k, v)
     if out.shape == exp_w[0].shape and w.shape == exp_out[0].shape and out.shape != w.shape:
         raise CheckFailure(f"{label}: the tuple is in the wrong order; return (output, weights).")
-    expect_close(w, exp_w[0], label=label, what="weights", atol=ATOL, fingerprints={m: (lambda f=f: f()[0]) for m, f in _attention_fingerprints(q[None, :], k, v, "w").items()})
-    expect_close(out, exp_out[0], label=label, what="output", atol=ATOL, fingerprints={m: (lambda f=f: f()[0]) for m, f in _attention_fingerprints(q[None, :], k, v, "out").items()})
+    expect_close(
+        w,
+        exp_w[0],
+        label=label,
+        what="weights",
+        atol=ATOL,
+        fingerprints={m: (lambda f=f: f()[0]) for m, f in _attention_fingerprints(q[None, :], k, v, "w").items()},
+    )
+    expect_close(
+        out,
+        exp_out[0],
+        label=label,
+        what="output",
+        atol=ATOL,
+        fingerprints={m: (lambda f=f: f()[0]) for m, f in _attention_fingerprints(q[None, :], k, v, "out").items()},
+    )
 
 
 def visible_attend(attend) -> None:
@@ -142,7 +168,9 @@ def hidden_attend(attend, seed: int = 2) -> None:
     rng = np.random.default_rng(seed)
     _check_attend_case(attend, rng.normal(size=4), rng.normal(size=(6, 4)), rng.normal(size=(6, 7)), " (d_v != d)")
     _check_attend_case(attend, rng.normal(size=3), rng.normal(size=(1, 3)), rng.normal(size=(1, 5)), " (one key)")
-    _check_attend_case(attend, rng.normal(size=8) * 30, rng.normal(size=(5, 8)) * 30, rng.normal(size=(5, 2)), " (scores in the thousands)")
+    _check_attend_case(
+        attend, rng.normal(size=8) * 30, rng.normal(size=(5, 8)) * 30, rng.normal(size=(5, 2)), " (scores in the thousands)"
+    )
     _check_attend_case(attend, rng.normal(size=2), rng.normal(size=(50, 2)), rng.normal(size=(50, 3)), " (50 keys)")
     passed("attend", 4, hidden=True)
 
@@ -156,7 +184,9 @@ def _check_dpa_case(dpa, q, k, v, note: str = "") -> None:
     exp_out, exp_w = _attention64(q, k, v)
     m, n = exp_w.shape
     if w.shape == (n, m) and m != n:
-        raise CheckFailure(f"{label}: the weights should have shape (m, n) = {(m, n)}, one row per query; got {w.shape}, the transpose.")
+        raise CheckFailure(
+            f"{label}: the weights should have shape (m, n) = {(m, n)}, one row per query; got {w.shape}, the transpose."
+        )
     expect_close(w, exp_w, label=label, what="weights", atol=ATOL, fingerprints=_attention_fingerprints(q, k, v, "w"))
     expect_shape(out, exp_out.shape, label=label, what="output")
     expect_close(out, exp_out, label=label, what="output", atol=ATOL, fingerprints=_attention_fingerprints(q, k, v, "out"))
@@ -187,10 +217,13 @@ def hidden_dot_product_attention(dpa, seed: int = 3) -> None:
     rng = np.random.default_rng(seed)
     _check_dpa_case(dpa, rng.normal(size=(5, 4)), rng.normal(size=(3, 4)), rng.normal(size=(3, 6)), " (m != n, d_v != d)")
     _check_dpa_case(dpa, rng.normal(size=(1, 3)), rng.normal(size=(7, 3)), rng.normal(size=(7, 3)), " (one query)")
-    _check_dpa_case(dpa, rng.normal(size=(4, 16)) * 20, rng.normal(size=(9, 16)) * 20, rng.normal(size=(9, 2)), " (scores in the thousands)")
+    _check_dpa_case(
+        dpa, rng.normal(size=(4, 16)) * 20, rng.normal(size=(9, 16)) * 20, rng.normal(size=(9, 2)), " (scores in the thousands)"
+    )
     _check_dpa_case(dpa, rng.normal(size=(64, 8)), rng.normal(size=(33, 8)), rng.normal(size=(33, 5)), " (64 queries, 33 keys)")
     _check_vectorised(dpa)
     passed("dot_product_attention", 5, hidden=True)
+
 
 # {exercise: (visible points, hidden points)}, in the order the exercises appear.
 POINTS = {

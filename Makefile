@@ -1,0 +1,40 @@
+# Two commands on a fresh machine with Python 3.11: `make book` and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: book test test-fast sync check-sync release lint clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "needs $(PYTHON) (set PYTHON=...)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first and exactly, so the CPU wheel is used instead of a CUDA build from the registry
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+book: $(STAMP)
+	$(PY) -m autograder book
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+sync: $(STAMP)
+	$(PY) -m autograder sync
+
+check-sync: $(STAMP)
+	$(PY) -m autograder sync --check
+
+release: $(STAMP)
+	$(PY) -m autograder release --out _build/course
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf _build

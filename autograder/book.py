@@ -1,0 +1,144 @@
+"""``book``: execute the chapters with solutions, stage skeletons with outputs, build the HTML.
+
+1. Every chapter notebook is rendered in *book form* (solutions filled in, no hidden tests)
+   and executed, unless an executed copy with the same inputs is in the cache.
+2. The exercise cells get their skeleton source back; every output is kept.
+3. Jupyter Book builds ``_build/html`` from that staged copy with ``-W -n --keep-going``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import nbformat
+
+from autograder.course import CHAPTERS, CHAPTERS_DIR, ROOT, Chapter
+from autograder.notebook_format import grade_id, read, render
+
+BUILD = ROOT / "_build"
+STAGE = BUILD / "stage"
+CACHE = BUILD / "execution-cache"
+BOOK_FILES = ("_config.yml", "_toc.yml", "*.md", "bib", "figures", "appendices")
+EXEC_TIMEOUT_S = 600
+
+
+class BookError(Exception):
+    """A notebook failed to execute, or wrote to stderr, while building the book."""
+
+
+def _inputs_digest(nb_text: str, chapter: Chapter | None) -> str:
+    """Hash of everything an executed notebook depends on: its cells, solutions, checks."""
+    h = hashlib.sha256(nb_text.encode())
+    if chapter is not None:
+        h.update(chapter.solutions_module.read_bytes())
+    for path in sorted((ROOT / "autograder").rglob("*.py")):
+        h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _raises_on_purpose(cell) -> bool:
+    return "raises-exception" in cell.get("metadata", {}).get("tags", [])
+
+
+def execute(nb: nbformat.NotebookNode, name: str, cwd: Path) -> nbformat.NotebookNode:
+    """Run every cell; fail on an unexpected error or on anything written to stderr."""
+    import nbclient
+
+    client = nbclient.NotebookClient(
+        nb, timeout=EXEC_TIMEOUT_S, kernel_name="python3", allow_errors=True, resources={"metadata": {"path": str(cwd)}}
+    )
+    client.execute()
+    problems = []
+    for index, cell in enumerate(nb.cells):
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error" and not _raises_on_purpose(cell):
+                problems.append(f"cell {index}: {out.get('ename')}: {out.get('evalue')}")
+            if out.get("output_type") == "stream" and out.get("name") == "stderr":
+                problems.append(f"cell {index} wrote to stderr: {''.join(out.get('text', '')).strip()[:200]}")
+    if problems:
+        raise BookError(f"{name}:\n  " + "\n  ".join(problems))
+    return nb
+
+
+def _stage_notebook(source: Path, cwd: Path) -> tuple[str, bool]:
+    """Execute (or take from the cache) one notebook and write its staged copy."""
+    chapter = next((c for c in CHAPTERS if c.notebook == source), None)
+    nb = render(read(source), chapter, "book") if chapter else read(source)
+    digest = _inputs_digest(nbformat.writes(nb), chapter)
+    cached = CACHE / f"{source.stem}-{digest}.ipynb"
+    hit = cached.exists()
+    if hit:
+        nb = nbformat.read(str(cached), as_version=4)
+    else:
+        nb = execute(nb, source.name, cwd)
+        CACHE.mkdir(parents=True, exist_ok=True)
+        for old in CACHE.glob(f"{source.stem}-*.ipynb"):
+            old.unlink()
+        nbformat.write(nb, str(cached))
+    if chapter:
+        skeleton = {grade_id(c): c.source for c in read(source).cells if grade_id(c)}
+        for cell in nb.cells:
+            if grade_id(cell) in skeleton:
+                cell.source = skeleton[grade_id(cell)]
+    target = STAGE / source.relative_to(ROOT)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, str(target))
+    return source.name, hit
+
+
+def _copy_book_files() -> None:
+    for pattern in BOOK_FILES:
+        for path in ROOT.glob(pattern):
+            dest = STAGE / path.relative_to(ROOT)
+            if path.is_dir():
+                shutil.copytree(path, dest, dirs_exist_ok=True)
+            else:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, dest)
+    _vendor_mathjax()
+
+
+def _vendor_mathjax() -> None:
+    """MathJax 3 from the django-static-mathjax wheel, served from the book (no CDN offline)."""
+    import mathjax  # the django-static-mathjax package
+
+    es5 = Path(mathjax.__file__).parent / "static" / "mathjax" / "es5"
+    dest = STAGE / "_mathjax" / "mathjax"
+    if not (dest / "tex-chtml.js").exists():
+        shutil.copytree(es5, dest, dirs_exist_ok=True)
+
+
+def stage(jobs: int = 2) -> list[tuple[str, bool]]:
+    """Build ``_build/stage``: the book's sources with executed, skeletonised chapters."""
+    if (STAGE / "chapters").exists():
+        shutil.rmtree(STAGE / "chapters")
+    _copy_book_files()
+    cwd = STAGE / "chapters"
+    cwd.mkdir(parents=True, exist_ok=True)
+    notebooks = sorted(CHAPTERS_DIR.glob("*.ipynb"))
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return list(pool.map(lambda nb: _stage_notebook(nb, cwd), notebooks))
+
+
+def build_book(jobs: int = 2) -> int:
+    """Stage, then run Jupyter Book. Returns the exit status."""
+    start = time.perf_counter()
+    try:
+        staged = stage(jobs)
+    except BookError as exc:
+        print(f"book: a notebook failed while executing:\n{exc}", file=sys.stderr)
+        return 1
+    for name, hit in staged:
+        print(f"  {name}: {'cached' if hit else 'executed'}")
+    print(f"Staged {len(staged)} notebooks in {time.perf_counter() - start:.0f} s; building HTML...")
+    jb = Path(sys.executable).parent / "jupyter-book"
+    cmd = [str(jb), "build", str(STAGE), "--path-output", str(ROOT), "-W", "-n", "--keep-going"]
+    status = subprocess.call(cmd, cwd=ROOT)
+    print(f"Book {'built' if status == 0 else 'FAILED'} in {time.perf_counter() - start:.0f} s: {BUILD / 'html' / 'index.html'}")
+    return status
