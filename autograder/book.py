@@ -102,6 +102,13 @@ def _copy_book_files() -> None:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, dest)
     _vendor_mathjax()
+    _merge_bibliography()
+
+
+def _merge_bibliography() -> None:
+    """One ``references.bib`` from the per-chapter files in ``bib/`` (the name ``_config.yml`` uses)."""
+    parts = [p.read_text().strip() for p in sorted((ROOT / "bib").glob("*.bib"))]
+    (STAGE / "references.bib").write_text("\n\n".join(p for p in parts if p) + "\n")
 
 
 def _vendor_mathjax() -> None:

@@ -45,10 +45,3 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in readme.split("\n## ")[0], "the README opens with `make test`"
     assert "make test" in ci
-
-
-def test_every_bib_file_is_configured():
-    config = yaml.safe_load((ROOT / "_config.yml").read_text())
-    configured = set(config["bibtex_bibfiles"])
-    present = {str(p.relative_to(ROOT)) for p in (ROOT / "bib").glob("*.bib")}
-    assert present == configured, f"bib files not in _config.yml: {present - configured}; missing: {configured - present}"
