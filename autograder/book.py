@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import subprocess
 import sys
@@ -107,8 +108,13 @@ def _copy_book_files() -> None:
 
 def _merge_bibliography() -> None:
     """One ``references.bib`` from the per-chapter files in ``bib/`` (the name ``_config.yml`` uses)."""
-    parts = [p.read_text().strip() for p in sorted((ROOT / "bib").glob("*.bib"))]
-    (STAGE / "references.bib").write_text("\n\n".join(p for p in parts if p) + "\n")
+    entries: dict[str, str] = {}
+    for path in sorted((ROOT / "bib").glob("*.bib")):
+        for entry in re.split(r"\n(?=@)", "\n" + path.read_text()):
+            match = re.match(r"\s*@\w+\s*\{\s*([^,\s]+)\s*,", entry)
+            if match:
+                entries.setdefault(match.group(1), entry.strip())  # chapters may cite the same work
+    (STAGE / "references.bib").write_text("\n\n".join(entries.values()) + "\n")
 
 
 def _vendor_mathjax() -> None:
