@@ -25,7 +25,7 @@ from autograder.notebook_format import grade_id, read, render
 BUILD = ROOT / "_build"
 STAGE = BUILD / "stage"
 CACHE = BUILD / "execution-cache"
-BOOK_FILES = ("_config.yml", "_toc.yml", "*.md", "bib", "figures", "appendices")
+BOOK_FILES = ("_config.yml", "_toc.yml", "*.md", "_ext", "_static", "figures", "appendices")
 EXEC_TIMEOUT_S = 600
 
 
@@ -33,13 +33,28 @@ class BookError(Exception):
     """A notebook failed to execute, or wrote to stderr, while building the book."""
 
 
+SHARED_CHECK_MODULES = (
+    "__init__.py",
+    "checks/__init__.py",
+    "checks/common.py",
+    "checks/trusted.py",
+    "checks/runner.py",
+    "course.py",
+)
+
+
 def _inputs_digest(nb_text: str, chapter: Chapter | None) -> str:
-    """Hash of everything an executed notebook depends on: its cells, solutions, checks."""
+    """Hash of what an executed notebook depends on: its cells, its solutions, the checks it prints.
+
+    Only the chapter's own checks module and the shared check helpers count, so editing one
+    chapter (or the grading pipeline) does not re-execute the others.
+    """
     h = hashlib.sha256(nb_text.encode())
+    deps = [ROOT / "autograder" / name for name in SHARED_CHECK_MODULES]
     if chapter is not None:
-        h.update(chapter.solutions_module.read_bytes())
-    for path in sorted((ROOT / "autograder").rglob("*.py")):
-        h.update(path.name.encode() + path.read_bytes())
+        deps += [chapter.solutions_module, ROOT / "autograder" / "checks" / f"{chapter.key}.py"]
+    for path in deps:
+        h.update(path.name.encode() + (path.read_bytes() if path.exists() else b""))
     return h.hexdigest()[:16]
 
 
@@ -87,10 +102,16 @@ def _stage_notebook(source: Path, cwd: Path) -> tuple[str, bool]:
         for cell in nb.cells:
             if grade_id(cell) in skeleton:
                 cell.source = skeleton[grade_id(cell)]
-    target = STAGE / source.relative_to(ROOT)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    nbformat.write(nb, str(target))
+    _write_if_changed(STAGE / source.relative_to(ROOT), nbformat.writes(nb))
     return source.name, hit
+
+
+def _write_if_changed(target: Path, text: str) -> None:
+    """Leave unchanged files untouched, so Sphinx does not read them again on a warm build."""
+    if target.exists() and target.read_text() == text:
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
 
 
 def _copy_book_files() -> None:
@@ -114,7 +135,7 @@ def _merge_bibliography() -> None:
             match = re.match(r"\s*@\w+\s*\{\s*([^,\s]+)\s*,", entry)
             if match:
                 entries.setdefault(match.group(1), entry.strip())  # chapters may cite the same work
-    (STAGE / "references.bib").write_text("\n\n".join(entries.values()) + "\n")
+    _write_if_changed(STAGE / "references.bib", "\n\n".join(entries.values()) + "\n")
 
 
 def _vendor_mathjax() -> None:
@@ -129,12 +150,12 @@ def _vendor_mathjax() -> None:
 
 def stage(jobs: int = 2) -> list[tuple[str, bool]]:
     """Build ``_build/stage``: the book's sources with executed, skeletonised chapters."""
-    if (STAGE / "chapters").exists():
-        shutil.rmtree(STAGE / "chapters")
     _copy_book_files()
     cwd = STAGE / "chapters"
     cwd.mkdir(parents=True, exist_ok=True)
     notebooks = sorted(CHAPTERS_DIR.glob("*.ipynb"))
+    for stale in set(cwd.glob("*.ipynb")) - {cwd / nb.name for nb in notebooks}:
+        stale.unlink()
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         return list(pool.map(lambda nb: _stage_notebook(nb, cwd), notebooks))
 

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import linecache
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from autograder.course import CHAPTERS, Chapter
+from autograder.course import CHAPTERS, ROOT, Chapter
 from autograder.mutants import mutants_of
 from autograder.notebook_format import grade_id, read, solution_sources, strip_solutions
 
@@ -44,3 +50,19 @@ def all_mutants():
 
 def all_exercises():
     return [pytest.param(c, e, id=f"{c.key}-{e.name}") for c in CHAPTERS for e in c.exercises]
+
+
+@pytest.fixture(scope="session")
+def built_book() -> Path:
+    """``_build/html``, built once per session exactly as ``make book`` does (-W -n --keep-going)."""
+    html = ROOT / "_build" / "html"
+    if os.environ.get("BOOK_REUSE") == "1" and (html / "index.html").exists():
+        return html
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "autograder", "book"], capture_output=True, text=True, cwd=ROOT)
+    log = result.stdout[-4000:] + result.stderr[-4000:]
+    assert result.returncode == 0, f"the book does not build:\n{log}"
+    warnings = [line for line in result.stderr.splitlines() if re.search(r"\bWARNING\b", line) and "IPKernelApp" not in line]
+    assert not warnings, "\n".join(warnings)
+    print(f"book built in {time.perf_counter() - start:.0f} s")
+    return html

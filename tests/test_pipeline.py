@@ -19,7 +19,7 @@ import pytest
 from conftest import CHAPTER_IDS
 
 from autograder.check import Report, grade_batch
-from autograder.course import CHAPTERS, ROOT, Chapter
+from autograder.course import CHAPTERS, Chapter
 from autograder.mutants import mutants_of
 from autograder.notebook_format import (
     BEGIN_HIDDEN,
@@ -126,17 +126,9 @@ def test_sync_check_exit_status():
     assert result.returncode == 0, result.stderr
 
 
-@pytest.fixture(scope="session")
-def book() -> Path:
-    result = subprocess.run([sys.executable, "-m", "autograder", "book"], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    warnings = [line for line in result.stderr.splitlines() if re.search(r"\bWARNING\b", line)]
-    assert not warnings, "\n".join(warnings)
-    return ROOT / "_build" / "html"
-
-
 @pytest.mark.parametrize("chapter", CHAPTER_PARAMS)
-def test_f_book_page_has_skeletons_and_figures_but_no_solutions(book, chapter):
+def test_f_book_page_has_skeletons_and_figures_but_no_solutions(built_book, chapter):
+    book = built_book
     page = (book / "chapters" / f"{chapter.slug}.html").read_text()
     leaked = [
         line for src in solution_sources(chapter.solutions_module).values() for line in solution_lines(src) if _html(line) in page
