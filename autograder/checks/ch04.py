@@ -1,0 +1,884 @@
+"""Checks for chapter 4, multi-head attention.
+
+The oracle is the textbook maths written out in float64 NumPy here (projections, heads as
+blocks of features, 1/sqrt(E/H) scaling, masks, softmax with fully masked rows set to zero,
+output projection), fed with the parameters of a real ``nn.MultiheadAttention`` through its
+state dict. ``tests/test_ch04.py`` proves the oracle equals ``nn.MultiheadAttention``
+wherever PyTorch's result is finite. For float32 inputs the tolerance is measured: the
+oracle is also run in float32 arithmetic, and a student may be a few times further from the
+float64 result than that. Wrong answers are compared with the outputs of known mistakes
+(variants of the oracle) to name them.
+
+Everything a student cell could rebind (numpy and torch functions, ``nn.MultiheadAttention``,
+``nn.Module`` methods) is captured when this module is imported, before student code runs.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import math
+import textwrap
+
+import numpy as np
+import torch
+
+from autograder.checks import trusted as T
+from autograder.checks.common import CheckFailure, call, expect_close, expect_shape, max_error, passed, show
+
+# References captured at import time (the setup cell imports this module before student code).
+_MHA = torch.nn.MultiheadAttention
+_Module = torch.nn.Module
+_Linear = torch.nn.Linear
+_module_to = torch.nn.Module.to
+_module_train = torch.nn.Module.train
+_module_state_dict = torch.nn.Module.state_dict
+_module_load_state_dict = torch.nn.Module.load_state_dict
+_fork_rng = torch.random.fork_rng
+_manual_seed = torch.manual_seed
+_clone = torch._C.TensorBase.clone
+_dtype_of = torch._C.TensorBase.dtype.__get__
+_t_equal = torch.equal
+_t_float32 = torch.float32
+_t_float64 = torch.float64
+_t_bool = torch.bool
+_from_numpy = torch.from_numpy
+_rng = np.random.default_rng
+_exp = np.exp
+_where = np.where
+_zeros = np.zeros
+_ones = np.ones
+_triu = np.triu
+_isnan = np.isnan
+_isinf = np.isinf
+_isfinite = np.isfinite
+_np_any = np.any
+_np_all = np.all
+_np_abs = np.abs
+_array_equal = np.array_equal
+_integer = np.integer
+_f32 = np.float32
+_f64 = np.float64
+_np_bool = np.bool_
+_inf = math.inf
+_sqrt = math.sqrt
+_int = int
+_float = float
+_bool_t = bool
+_str = str
+_sorted = sorted
+_set = set
+_dict = dict
+_sum = sum
+_isinstance = isinstance
+_issubclass = issubclass
+
+FORBIDDEN = {"MultiheadAttention", "multi_head_attention_forward", "_native_multi_head_attention"}
+
+
+def _tensor(a: np.ndarray, dtype) -> torch.Tensor:
+    return T._to(_from_numpy(T.np_array(a, copy=True)), dtype=dtype)
+
+
+def _as_tensor_result(result, *, label: str, what: str, dtype) -> np.ndarray:
+    """A float64 copy of an exact ``torch.Tensor`` result of the expected dtype."""
+    if not T.is_tensor(result):
+        raise CheckFailure(f"{label}: the {what} should be a torch.Tensor, got {T.type_name(result)}.")
+    if dtype is not None and _dtype_of(result) != dtype:
+        raise CheckFailure(f"{label}: the {what} should keep the input's dtype {dtype}, got {_dtype_of(result)}.")
+    return T.tensor_to_float64(result)
+
+
+# ---------------------------------------------------------------------------------------------
+# split_heads
+# ---------------------------------------------------------------------------------------------
+
+SPLIT_VIEW = (
+    "view without transpose: (B, L, E) was reshaped straight to (B, H, L, E/H), so a 'head' holds "
+    "pieces of several tokens. Reshape to (B, L, H, E/H) first, then .transpose(1, 2)."
+)
+SPLIT_INTERLEAVED = (
+    "interleaved heads: head h took every H-th feature (h, h+H, h+2H, ...). Head h must hold the contiguous "
+    "block of features h*D .. (h+1)*D - 1, which is how in_proj_weight is laid out: reshape to (B, L, H, D), not (B, L, D, H)."
+)
+
+
+def _split_fingerprints(x: np.ndarray, h: int) -> dict:
+    b, n, e = x.shape
+    d = e // h
+    return {
+        SPLIT_VIEW: lambda: x.reshape(b, h, n, d),
+        SPLIT_INTERLEAVED: lambda: x.reshape(b, n, d, h).transpose(0, 3, 1, 2),
+        "the last two axes are swapped: each head should be (L, D), one row per token": lambda: x.reshape(b, n, h, d).transpose(
+            0, 2, 3, 1
+        ),
+    }
+
+
+def _split_shape_hint(shape: tuple, b: int, n: int, e: int, h: int) -> str:
+    d = e // h
+    if shape == (b, h, n // h, e) and n % h == 0:
+        return (
+            "  Likely mistake: you split the sequence (L) into heads. Heads split the feature dimension E: every head "
+            "sees all L tokens, through its own E/H features."
+        )
+    if shape == (b, n, h, d):
+        return "  Likely mistake: you reshaped to (B, L, H, D) but forgot .transpose(1, 2) to bring the heads forward."
+    if shape == (b, h, d, n):
+        return "  Likely mistake: the last two axes are swapped: each head should be (L, D), one row per token."
+    return ""
+
+
+def _check_split_case(split_heads, x: np.ndarray, h: int, dtype=_t_float32, note: str = "") -> None:
+    b, n, e = x.shape
+    label = f"split_heads(x, num_heads={h}) with x of shape {(b, n, e)}{note}"
+    given = _tensor(x, dtype)
+    before = _clone(given)
+    result = call(split_heads, given, num_heads=h, label=label)
+    actual = _as_tensor_result(result, label=label, what="result", dtype=dtype)
+    xx = T.tensor_to_float64(before)  # the input as the student's function saw it (rounded to dtype)
+    expected = xx.reshape(b, n, h, e // h).transpose(0, 2, 1, 3)
+    if T._tuple(actual.shape) != T._tuple(expected.shape):
+        hint = _split_shape_hint(T._tuple(actual.shape), b, n, e, h)
+        raise CheckFailure(
+            f"{label}: the result should have shape (B, H, L, E/H) = {T._tuple(expected.shape)}, got {T._tuple(actual.shape)}."
+            + ("\n" + hint if hint else "")
+        )
+    expect_close(actual, expected, label=label, atol=0.0, fingerprints=_split_fingerprints(xx, h))
+    if not _t_equal(given, before):
+        raise CheckFailure(f"{label}: your function changed its input in place.")
+
+
+def _check_split_raises(split_heads, e: int, h: int) -> None:
+    label = f"split_heads(x, num_heads={h}) with x of shape (2, 3, {e})"
+    x = _tensor(T.np_array(_zeros((2, 3, e))), _t_float32)
+    try:
+        split_heads(x, num_heads=h)
+    except ValueError:
+        return
+    except NotImplementedError:
+        raise CheckFailure(f"{label}: not implemented yet (the cell still raises NotImplementedError).") from None
+    except Exception as exc:  # noqa: BLE001
+        raise CheckFailure(
+            f"{label}: should raise ValueError because {e} is not divisible by {h}; it raised {T.type_name(exc)}: {exc}. "
+            "Check E % num_heads yourself and raise ValueError with a clear message."
+        ) from None
+    raise CheckFailure(
+        f"{label}: should raise ValueError because E = {e} is not divisible by num_heads = {h}; it returned a result "
+        "instead (features were dropped or invented)."
+    )
+
+
+def visible_split_heads(split_heads) -> None:
+    """A small tensor with distinct entries, two head counts, float64, and the ValueError."""
+    x = np.arange(2 * 4 * 8, dtype=np.float64).reshape(2, 4, 8)
+    _check_split_case(split_heads, x, 2)
+    _check_split_case(split_heads, x, 4)
+    _check_split_case(split_heads, np.arange(4 * 6, dtype=np.float64).reshape(1, 4, 6) / 7, 3, _t_float64, " (float64)")
+    _check_split_raises(split_heads, 6, 4)
+    passed("split_heads", 4)
+
+
+def hidden_split_heads(split_heads, seed: int = 41) -> None:
+    """One head, one feature per head, odd sizes, L not divisible by H, one token."""
+    rng = _rng(seed)
+    _check_split_case(split_heads, rng.normal(size=(2, 5, 6)), 1, note=" (one head)")
+    _check_split_case(split_heads, rng.normal(size=(2, 5, 6)), 6, note=" (one feature per head)")
+    _check_split_case(split_heads, rng.normal(size=(3, 7, 15)), 5, _t_float64, " (float64, odd sizes)")
+    _check_split_case(split_heads, rng.normal(size=(2, 7, 12)), 4, note=" (L = 7 not divisible by H)")
+    _check_split_case(split_heads, rng.normal(size=(1, 1, 12)), 3, note=" (one token)")
+    _check_split_case(split_heads, rng.normal(size=(2, 4, 16)), 4, note=" (L = H = D = 4)")
+    _check_split_raises(split_heads, 10, 4)
+    _check_split_raises(split_heads, 7, 2)
+    passed("split_heads", 8, hidden=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# merge_heads
+# ---------------------------------------------------------------------------------------------
+
+MERGE_VIEW = (
+    "merged the heads without transpose: (B, H, L, D) was reshaped straight to (B, L, H*D), which mixes tokens. "
+    "Transpose to (B, L, H, D) first, then reshape."
+)
+MERGE_INTERLEAVED = (
+    "interleaved heads: feature d of head h landed at position d*H + h. Concatenate the heads: head h fills "
+    "features h*D .. (h+1)*D - 1 (transpose(1, 2), not a permute that puts D before H)."
+)
+CONTIGUOUS_HINT = (
+    "  Likely mistake: .view() after .transpose() needs a contiguous tensor. Call .contiguous() before .view(), "
+    "or use .reshape(), which copies when it must."
+)
+
+
+def _merge_fingerprints(x: np.ndarray) -> dict:
+    b, h, n, d = x.shape
+    return {
+        MERGE_VIEW: lambda: x.reshape(b, n, h * d),
+        MERGE_INTERLEAVED: lambda: x.transpose(0, 2, 3, 1).reshape(b, n, h * d),
+    }
+
+
+def _check_merge_case(merge_heads, x: np.ndarray, dtype=_t_float32, note: str = "", non_contiguous: bool = False) -> None:
+    b, h, n, d = x.shape
+    label = f"merge_heads(x) with x of shape {(b, h, n, d)}{note}"
+    if non_contiguous:  # the same values, stored as (B, L, H, D) and transposed
+        given = _tensor(T.np_array(x.transpose(0, 2, 1, 3), copy=True), dtype).transpose(1, 2)
+    else:
+        given = _tensor(x, dtype)
+    before = _clone(given)
+    try:
+        result = call(merge_heads, given, label=label)
+    except CheckFailure as exc:
+        if "view size is not compatible" in _str(exc) or "contiguous" in _str(exc):
+            raise CheckFailure(f"{exc}\n{CONTIGUOUS_HINT}") from None
+        raise
+    actual = _as_tensor_result(result, label=label, what="result", dtype=dtype)
+    xx = T.tensor_to_float64(before)  # the input as the student's function saw it (rounded to dtype)
+    expected = xx.transpose(0, 2, 1, 3).reshape(b, n, h * d)
+    shape = T._tuple(actual.shape)
+    if shape in ((b, n, d), (b, d, n)) and h > 1:
+        raise CheckFailure(
+            f"{label}: the result should have shape (B, L, H*D) = {(b, n, h * d)}, got {shape}.\n"
+            "  Likely mistake: you summed or averaged the heads. merge_heads concatenates them: each head keeps its D features."
+        )
+    expect_close(actual, expected, label=label, atol=0.0, fingerprints=_merge_fingerprints(xx))
+    if not _t_equal(given, before):
+        raise CheckFailure(f"{label}: your function changed its input in place.")
+
+
+def visible_merge_heads(merge_heads) -> None:
+    """Distinct entries, two shapes, float64."""
+    _check_merge_case(merge_heads, np.arange(2 * 2 * 3 * 4, dtype=np.float64).reshape(2, 2, 3, 4))
+    _check_merge_case(merge_heads, np.arange(1 * 4 * 3 * 2, dtype=np.float64).reshape(1, 4, 3, 2))
+    _check_merge_case(merge_heads, np.arange(2 * 3 * 2 * 2, dtype=np.float64).reshape(2, 3, 2, 2) / 3, _t_float64, " (float64)")
+    passed("merge_heads", 3)
+
+
+def hidden_merge_heads(merge_heads, seed: int = 42) -> None:
+    """One head, D = 1, odd sizes, one token, and a non-contiguous input (as attention produces)."""
+    rng = _rng(seed)
+    _check_merge_case(merge_heads, rng.normal(size=(2, 1, 5, 6)), note=" (one head)")
+    _check_merge_case(merge_heads, rng.normal(size=(2, 6, 5, 1)), note=" (D = 1)")
+    _check_merge_case(merge_heads, rng.normal(size=(3, 5, 7, 3)), _t_float64, " (float64, odd sizes)")
+    _check_merge_case(merge_heads, rng.normal(size=(2, 3, 1, 4)), note=" (one token)")
+    _check_merge_case(merge_heads, rng.normal(size=(2, 4, 4, 4)), note=" (H = L = D = 4)")
+    _check_merge_case(merge_heads, rng.normal(size=(2, 3, 5, 4)), note=" (a non-contiguous input)", non_contiguous=True)
+    passed("merge_heads", 6, hidden=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# MultiHeadAttention: the float64 oracle and the mistakes it can imitate
+# ---------------------------------------------------------------------------------------------
+
+MISTAKES = {
+    "scale_E": "scaled the scores by 1/sqrt(E) (the full embed_dim). Each head's scores are dot products of D = E/H features: scale by 1/sqrt(E/H).",
+    "scale_H": "scaled the scores by 1/sqrt(num_heads). The scale is 1/sqrt(head_dim) = 1/sqrt(E/H).",
+    "no_scale": "did not scale the scores: divide them by sqrt(E/H), the head dimension.",
+    "scale_D": "scaled the scores by 1/D instead of 1/sqrt(D), D = E/H.",
+    "split_view": "split heads with a view without transpose: (B, L, E) reshaped straight to (B, H, L, D) mixes tokens inside each head.",
+    "split_interleaved": "interleaved heads: head h took every H-th feature instead of the block h*D .. (h+1)*D - 1.",
+    "merge_view": "merged the heads without transpose: (B, H, L, D) reshaped straight to (B, L, E) mixes tokens.",
+    "no_out_proj": "no output projection: apply self.out_proj to the merged heads.",
+    "inverted": "inverted the boolean mask. In nn.MultiheadAttention True means NOT allowed (masked out), the opposite of chapter 2's convention.",
+    "kpm_ignored": "key_padding_mask was ignored: padded keys (True) must get -inf scores.",
+    "attn_mask_ignored": "attn_mask was ignored: add it to the scores (bool True -> -inf, float masks as they are).",
+    "causal_ignored": "is_causal was ignored: with attn_mask=None, is_causal=True must hide the future (key j > query i).",
+    "mask3d_hb": "read a 3D attn_mask as (H, B, L, S); PyTorch's layout is (B*H, L, S), row b*H + h: view it as (B, H, L, S).",
+    "float_as_bool": "treated a float mask as a boolean one. A float mask is added to the scores as it is.",
+    "mask_after_softmax": "masked after the softmax: masked positions must get -inf before the softmax, so the rest renormalise to 1.",
+    "softmax_queries": "took the softmax over the queries (dim -2) instead of over the keys (dim -1).",
+    "self_only": "computed keys and values from `query`; in cross-attention they come from `key` and `value`.",
+    "kv_swapped": "swapped key and value: scores use `key`, the weighted sum uses `value`.",
+    "qkv_order": "took the projections out of in_proj_weight in the wrong order; its rows are W_q, W_k, W_v in that order.",
+}
+WEIGHT_MISTAKES = {
+    "heads_sum": "summed the heads' weights; average_attn_weights=True means the mean over heads.",
+    "first_head": "returned the weights of one head; average_attn_weights=True means the mean over all heads.",
+}
+FINITE_FILL = (
+    "  Likely mistake: filled masked scores with a large finite negative number instead of -inf, so a fully masked query "
+    "spreads its weight over keys it may not see. Its weights must be zero (and its output out_proj's bias)."
+)
+FULLY_MASKED = (
+    "  Likely mistake: a fully masked query (all its keys masked) gave NaN: the softmax of a row of -inf is 0/0. "
+    "Give such rows zero weights (their output is then out_proj's bias), not NaN."
+)
+DROPOUT_EVAL = (
+    "  Likely mistake: dropout is active in eval mode. After model.eval() (self.training False) dropout must be off: "
+    "use F.dropout(weights, p, training=self.training) or an nn.Dropout module."
+)
+
+
+def _oracle(p: dict, q, k, v, h: int, *, kpm=None, am=None, causal=False, dtype=_f64, variant: str = ""):
+    """Multi-head attention written out: returns (output (B, L, E), per-head weights (B, H, L, S))."""
+
+    def f(a):
+        return None if a is None else T.np_array(a, dtype=dtype)
+
+    q, k, v = f(q), f(k), f(v)
+    w_in, b_in, w_out, b_out = f(p["w_in"]), f(p["b_in"]), f(p["w_out"]), f(p["b_out"])
+    if variant == "self_only":
+        k = v = q
+    if variant == "kv_swapped":
+        k, v = v, k
+    b, n, e = q.shape
+    s = k.shape[1]
+    d = e // h
+    blocks = [w_in[:e], w_in[e : 2 * e], w_in[2 * e :]]
+    bias = [b_in[:e], b_in[e : 2 * e], b_in[2 * e :]] if b_in is not None else [dtype(0)] * 3
+    order = (1, 0, 2) if variant == "qkv_order" else (0, 1, 2)
+    qp = q @ blocks[order[0]].T + bias[order[0]]
+    kp = k @ blocks[order[1]].T + bias[order[1]]
+    vp = v @ blocks[order[2]].T + bias[order[2]]
+
+    def split(x):
+        m = x.shape[1]
+        if variant == "split_view":
+            return x.reshape(b, h, m, d)
+        if variant == "split_interleaved":
+            return x.reshape(b, m, d, h).transpose(0, 3, 1, 2)
+        return x.reshape(b, m, h, d).transpose(0, 2, 1, 3)
+
+    qh, kh, vh = split(qp), split(kp), split(vp)
+    scale = {"scale_E": 1 / _sqrt(e), "scale_H": 1 / _sqrt(h), "no_scale": 1.0, "scale_D": 1 / d}.get(variant, 1 / _sqrt(d))
+    scores = (qh @ kh.transpose(0, 1, 3, 2)) * dtype(scale)
+    add = _zeros((b, h, n, s), dtype=dtype)
+
+    def additive(mask):
+        if mask.dtype == _np_bool:
+            blocked = ~mask if variant == "inverted" else mask
+            return _where(blocked, dtype(-_inf), dtype(0))
+        if variant == "float_as_bool":
+            return _where(mask != 0, dtype(-_inf), dtype(0))
+        return T.np_array(mask, dtype=dtype)
+
+    if variant == "attn_mask_ignored":
+        am = None
+    if am is None and causal and variant != "causal_ignored":
+        am = _triu(_ones((n, s), dtype=_np_bool), 1)
+    if am is not None:
+        a = additive(am)
+        if a.ndim == 3:
+            a = a.reshape(h, b, n, s).transpose(1, 0, 2, 3) if variant == "mask3d_hb" else a.reshape(b, h, n, s)
+        add = add + a
+    if kpm is not None and variant != "kpm_ignored":
+        add = add + additive(kpm).reshape(b, 1, 1, s)
+    axis = -2 if variant == "softmax_queries" else -1
+    with T.np_errstate(all="ignore"):
+        if variant == "mask_after_softmax":
+            scores = scores + _where(_isinf(add), dtype(0), add)
+        else:
+            scores = scores + add
+        top = scores.max(axis=axis, keepdims=True)
+        dead = top == -_inf
+        ex = _exp(scores - _where(dead, dtype(0), top))
+        total = ex.sum(axis=axis, keepdims=True)
+        w = ex / total if variant == "nan_rows" else _where(dead, dtype(0), ex / _where(dead, dtype(1), total))
+        if variant == "mask_after_softmax":
+            w = _where(add == -_inf, dtype(0), w)
+    heads_out = w @ vh
+    merged = heads_out.reshape(b, n, e) if variant == "merge_view" else heads_out.transpose(0, 2, 1, 3).reshape(b, n, e)
+    if variant == "no_out_proj":
+        return merged, w
+    out = merged @ w_out.T
+    if b_out is not None:
+        out = out + b_out
+    return out, w
+
+
+def _random_params(rng, e: int, bias: bool) -> dict:
+    """Parameters rounded to float32 (they travel through a float32 state dict), biases non-zero."""
+    r = lambda *shape, std=1.0: T.np_array(rng.normal(size=shape, scale=std).astype(_f32), dtype=_f64)
+    return {
+        "w_in": r(3 * e, e, std=1 / _sqrt(e)),
+        "b_in": r(3 * e, std=0.5) if bias else None,
+        "w_out": r(e, e, std=1 / _sqrt(e)),
+        "b_out": r(e, std=0.5) if bias else None,
+    }
+
+
+def _torch_module(e: int, h: int, bias: bool, p: dict | None = None):
+    """A real nn.MultiheadAttention (batch_first) holding the parameters ``p``."""
+    with _fork_rng(devices=[]):
+        ref = _MHA(e, h, bias=bias, batch_first=True)
+    if p is not None:
+        state = {"in_proj_weight": _tensor(p["w_in"], _t_float32), "out_proj.weight": _tensor(p["w_out"], _t_float32)}
+        if bias:
+            state["in_proj_bias"] = _tensor(p["b_in"], _t_float32)
+            state["out_proj.bias"] = _tensor(p["b_out"], _t_float32)
+        _module_load_state_dict(ref, state)
+    return ref
+
+
+def _shapes(module) -> dict:
+    return {k: T._tuple(v.shape) for k, v in _module_state_dict(module).items()}
+
+
+def _forbidden_names(cls) -> list[str]:
+    """Uses of PyTorch's own multi-head attention in the methods of ``cls`` ([] when the source is unknown)."""
+    found = []
+    for attr, fn in vars(cls).items():
+        if not inspect.isfunction(fn):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        for node in ast.walk(tree):
+            name = node.id if _isinstance(node, ast.Name) else node.attr if _isinstance(node, ast.Attribute) else None
+            if name in FORBIDDEN:
+                found.append(f"{name} in {attr}")
+    return found
+
+
+def _build(cls, e: int, h: int, *, dropout: float = 0.0, bias: bool = True, p: dict | None = None, dtype=_t_float32):
+    """Construct the student's layer, check its structure, load PyTorch's state dict into it."""
+    args = f"{e}, {h}" + (f", dropout={dropout}" if dropout else "") + ("" if bias else ", bias=False")
+    label = f"MultiHeadAttention({args})"
+    with _fork_rng(devices=[]):
+        module = call(cls, e, h, dropout=dropout, bias=bias, label=label)
+    if not _isinstance(module, _Module):
+        raise CheckFailure(f"{label}: should be an nn.Module (class MultiHeadAttention(nn.Module)), got {T.type_name(module)}.")
+    if _isinstance(module, _MHA):
+        raise CheckFailure(f"{label}: build the layer yourself instead of subclassing nn.MultiheadAttention.")
+    ref = _torch_module(e, h, bias, p)
+    want, got = _shapes(ref), _shapes(module)
+    if want != got:
+        missing = [k for k in want if k not in got]
+        extra = [k for k in got if k not in want]
+        wrong = [f"{k}: {got[k]} instead of {want[k]}" for k in want if k in got and got[k] != want[k]]
+        details = []
+        if missing:
+            details.append(f"missing {missing}")
+        if extra:
+            details.append(f"unexpected {extra}")
+        if wrong:
+            details.append("wrong shapes: " + "; ".join(wrong))
+        raise CheckFailure(
+            f"{label}: its state dict should have the entries of nn.MultiheadAttention({args}, batch_first=True), "
+            f"{want}; {', '.join(details)}. Use in_proj_weight (3E, E), in_proj_bias (3E) "
+            "(register_parameter('in_proj_bias', None) when bias=False) and out_proj = nn.Linear(E, E, bias=bias)."
+        )
+    out_proj = getattr(module, "out_proj", None)
+    if not _isinstance(out_proj, _Linear):
+        raise CheckFailure(f"{label}: out_proj should be an nn.Linear(E, E), got {T.type_name(out_proj)}.")
+    try:
+        _module_load_state_dict(module, _module_state_dict(ref))
+    except Exception as exc:  # noqa: BLE001
+        raise CheckFailure(f"{label}: load_state_dict(nn.MultiheadAttention(...).state_dict()) failed: {exc}") from None
+    try:
+        _module_to(module, dtype=dtype)
+    except Exception as exc:  # noqa: BLE001
+        raise CheckFailure(f"{label}: .to({dtype}) failed: {exc}") from None
+    return module
+
+
+def _check_built_by_hand(cls) -> None:
+    forbidden = _forbidden_names(cls) if _isinstance(cls, type) else []
+    if forbidden:
+        raise CheckFailure(
+            "MultiHeadAttention: build the layer from split_heads, matrix products and a softmax; it uses PyTorch's own "
+            f"multi-head attention ({', '.join(forbidden)})."
+        )
+
+
+def _describe_mask(name: str, m) -> str:
+    if m is None:
+        return ""
+    kind = "bool" if m.dtype == _np_bool else "float"
+    return f", {name}={kind} {T._tuple(m.shape)}"
+
+
+def _mask_tensor(m, dtype):
+    if m is None:
+        return None
+    return _tensor(m, _t_bool) if m.dtype == _np_bool else _tensor(m, dtype)
+
+
+def _fully_masked_rows(w: np.ndarray) -> bool:
+    return bool(_np_any(_np_all(w == 0, axis=-1)))
+
+
+def _wrong_only_where_fully_masked(got: np.ndarray, expected: np.ndarray, atol: float) -> bool:
+    """True when ``got`` matches on every query with a visible key but not on the fully masked ones."""
+    if T._tuple(got.shape) != T._tuple(expected.shape) or not T.np_isfinite(got).all():
+        return False
+    dead = _np_all(expected == 0, axis=-1)
+    if not _np_any(dead):
+        return False
+    live_ok = max_error(got[~dead], expected[~dead]) <= atol
+    return live_ok and float(T.np_max(_np_abs(got[dead]))) > atol
+
+
+def _run_case(
+    module,
+    p: dict,
+    q: np.ndarray,
+    k: np.ndarray | None,
+    v: np.ndarray | None,
+    h: int,
+    *,
+    kpm=None,
+    am=None,
+    causal: bool = False,
+    need_weights: bool = True,
+    average: bool = True,
+    dtype=_t_float32,
+    defaults: bool = False,
+    note: str = "",
+    name: str = "MultiHeadAttention",
+):
+    """Run one forward pass and compare it with the oracle. ``k is None`` means self-attention."""
+    self_attention = k is None
+    k = q if k is None else k
+    v = k if v is None else v
+    b, n, e = q.shape
+    s = k.shape[1]
+    qt = _tensor(q, dtype)
+    kt = qt if self_attention else _tensor(k, dtype)
+    vt = kt if v is k else _tensor(v, dtype)
+    kpm_t, am_t = _mask_tensor(kpm, dtype), _mask_tensor(am, dtype)
+    inputs = [t for t in (qt, kt, vt, kpm_t, am_t) if t is not None]
+    before = [_clone(t) for t in inputs]
+    kwargs = {}
+    if not defaults:
+        kwargs = {"key_padding_mask": kpm_t, "need_weights": need_weights, "attn_mask": am_t, "average_attn_weights": average}
+        if causal:
+            kwargs["is_causal"] = True
+    kind = "self-attention" if self_attention else "cross-attention"
+    flags = (
+        ""
+        if defaults
+        else f", need_weights={need_weights}, average_attn_weights={average}" + (", is_causal=True" if causal else "")
+    )
+    label = (
+        f"{name}(query {(b, n, e)}, key {(b, s, e)}, value {(b, s, e)}{_describe_mask('key_padding_mask', kpm)}"
+        f"{_describe_mask('attn_mask', am)}{flags}) [{kind}, {str(dtype).replace('torch.', '')}, {h} head{'s' if h > 1 else ''}{note}]"
+    )
+    result = call(module, qt, kt, vt, label=label, **kwargs)
+    if T._type(result) is not T._tuple or T._len(result) != 2:
+        raise CheckFailure(f"{label}: should return a tuple (attn_output, attn_weights), got {T.type_name(result)}.")
+    out_t, w_t = result
+    out = _as_tensor_result(out_t, label=label, what="attn_output", dtype=dtype)
+    for t, old in zip(inputs, before, strict=True):
+        if not _t_equal(t, old):
+            raise CheckFailure(f"{label}: the layer changed one of its inputs in place.")
+
+    exp_out, exp_w = _oracle(p, q, k, v, h, kpm=kpm, am=am, causal=causal)
+    if dtype == _t_float64:
+        atol = 1e-9
+    else:
+        out32, w32 = _oracle(p, q, k, v, h, kpm=kpm, am=am, causal=causal, dtype=_f32)
+        err = max(max_error(T.np_array(out32, dtype=_f64), exp_out), max_error(T.np_array(w32, dtype=_f64), exp_w))
+        atol = max(2e-5, 8 * err)
+    dead = _fully_masked_rows(exp_w)
+    fp = lambda which, extra=None: {  # noqa: E731
+        MISTAKES[m]: (
+            lambda m=m: (extra or (lambda x: x))(_oracle(p, q, k, v, h, kpm=kpm, am=am, causal=causal, variant=m)[which])
+        )
+        for m in MISTAKES
+    }
+
+    if not need_weights:
+        if w_t is not None:
+            raise CheckFailure(f"{label}: with need_weights=False the weights should be None, got {T.type_name(w_t)}.")
+    else:
+        w = _as_tensor_result(w_t, label=label, what="attn_weights", dtype=dtype)
+        shape_avg, shape_heads = (b, n, s), (b, h, n, s)
+        got_shape = T._tuple(w.shape)
+        if average and got_shape == shape_heads and h > 1:
+            raise CheckFailure(
+                f"{label}: with average_attn_weights=True (the default) the weights should be the mean over heads, "
+                f"shape (B, L, S) = {shape_avg}; got per-head weights {got_shape}."
+            )
+        if not average and got_shape == shape_avg and h > 1:
+            raise CheckFailure(
+                f"{label}: with average_attn_weights=False the weights should be per head, shape (B, H, L, S) = "
+                f"{shape_heads}; got {got_shape}."
+            )
+        want_shape = shape_avg if average else shape_heads
+        if got_shape != want_shape:
+            hint = f"\n  Likely mistake: {MISTAKES['self_only']}" if got_shape[-1:] == (n,) and n != s else ""
+            raise CheckFailure(f"{label}: the attention weights should have shape {want_shape}, got {got_shape}.{hint}")
+        if dead and not T.np_isfinite(w).all():
+            raise CheckFailure(f"{label}: the weights contain NaN.\n{FULLY_MASKED}")
+        want_w = exp_w.mean(axis=1) if average else exp_w
+        if dead and _wrong_only_where_fully_masked(w, want_w, atol):
+            raise CheckFailure(
+                f"{label}: the weights of a fully masked query (every key masked) should be zero.\n"
+                f"  expected: {show(want_w)}\n  got:      {show(w)}\n{FINITE_FILL}"
+            )
+        if average:
+            prints = fp(1, lambda x: x.mean(axis=1))
+            prints[WEIGHT_MISTAKES["heads_sum"]] = lambda: exp_w.sum(axis=1)
+            prints[WEIGHT_MISTAKES["first_head"]] = lambda: exp_w[:, 0]
+            expect_close(w, exp_w.mean(axis=1), label=label, what="attn_weights", atol=atol, fingerprints=prints)
+        else:
+            expect_close(w, exp_w, label=label, what="attn_weights (per head)", atol=atol, fingerprints=fp(1))
+    if dead and not T.np_isfinite(out).all():
+        raise CheckFailure(f"{label}: the output contains NaN.\n{FULLY_MASKED}")
+    expect_close(out, exp_out, label=label, what="attn_output", atol=atol * 4, fingerprints=fp(0))
+    return out
+
+
+def _data(rng, b: int, n: int, e: int, scale: float = 1.0) -> np.ndarray:
+    return T.np_array(rng.normal(size=(b, n, e), scale=scale).astype(_f32), dtype=_f64)
+
+
+def _check_dropout_eval(cls, rng) -> None:
+    """A layer built with dropout=0.5, in eval mode, must be deterministic and dropout-free."""
+    e, h, b, n = 8, 2, 2, 5
+    p = _random_params(rng, e, True)
+    module = _build(cls, e, h, dropout=0.5, p=p)
+    _module_train(module, False)
+    q = _data(rng, b, n, e)
+    qt = _tensor(q, _t_float32)
+    label = f"MultiHeadAttention({e}, {h}, dropout=0.5) after .eval(), called twice on the same input"
+    with _fork_rng(devices=[]):
+        _manual_seed(0)
+        first = call(module, qt, qt, qt, need_weights=False, label=label)
+        second = call(module, qt, qt, qt, need_weights=False, label=label)
+    if T._type(first) is T._tuple and T._type(second) is T._tuple and T._len(first) == T._len(second) == 2:
+        a = _as_tensor_result(first[0], label=label, what="attn_output", dtype=_t_float32)
+        c = _as_tensor_result(second[0], label=label, what="attn_output", dtype=_t_float32)
+        if T._tuple(a.shape) == T._tuple(c.shape) and not _array_equal(a, c):
+            raise CheckFailure(f"{label}: the two outputs differ (largest difference {max_error(a, c):.3g}).\n{DROPOUT_EVAL}")
+    _run_case(module, p, q, None, None, h, average=False, note=", eval mode, dropout=0.5")
+
+
+def _check_dropout_train(cls, rng) -> None:
+    """Training mode with dropout=0.5: dropout acts on the weights, rescaled by 1/(1-p).
+
+    One call on a batch of R copies of the same sequence: each copy gets its own dropout,
+    so the batch mean estimates the expected output, which must equal the eval-mode output.
+    """
+    e, h, n, prob, copies = 8, 2, 6, 0.5, 256
+    p = _random_params(rng, e, True)
+    module = _build(cls, e, h, dropout=prob, p=p)
+    _module_train(module, True)
+    one = _data(rng, 1, n, e)
+    q = T.np_array(one.repeat(copies, axis=0))
+    label = (
+        f"MultiHeadAttention({e}, {h}, dropout={prob}) in training mode, need_weights=True, average_attn_weights=False, "
+        f"on a batch of {copies} copies of one sequence"
+    )
+    exp_out, exp_w = _oracle(p, q, q, q, h)
+    qt = _tensor(q, _t_float32)
+    with _fork_rng(devices=[]):
+        _manual_seed(1234)
+        result = call(module, qt, qt, qt, need_weights=True, average_attn_weights=False, label=label)
+    if T._type(result) is not T._tuple or T._len(result) != 2:
+        raise CheckFailure(f"{label}: should return a tuple (attn_output, attn_weights), got {T.type_name(result)}.")
+    out = _as_tensor_result(result[0], label=label, what="attn_output", dtype=_t_float32)
+    w = _as_tensor_result(result[1], label=label, what="attn_weights", dtype=_t_float32)
+    expect_shape(out, exp_out.shape, label=label, what="attn_output")
+    expect_shape(w, exp_w.shape, label=label, what="per-head attention weights")
+    if max_error(out, exp_out) < 1e-5:
+        raise CheckFailure(
+            f"{label}: the output equals the no-dropout output: dropout is not applied in training mode. "
+            "Apply dropout (probability self.dropout) to the attention weights when self.training is True."
+        )
+    if max_error(w, exp_w) > 1e-5:  # weights after dropout: each one is 0 or w / (1 - p)
+        kept = _np_abs(w - exp_w / (1 - prob)) <= 1e-5 * (1 + _np_abs(exp_w))
+        if not _np_all(kept | (w == 0)):
+            raise CheckFailure(
+                f"{label}: the returned weights are neither the attention weights nor a dropout of them "
+                f"(each weight either 0 or w / (1 - p)).\n  expected (before dropout): {show(exp_w[0])}\n  got: {show(w[0])}\n"
+                "  Likely mistake: dropout must zero weights with probability p and scale the kept ones by "
+                "1/(1-p) (F.dropout does both)."
+            )
+        merged = (w @ _oracle_heads_v(p, q, h)).transpose(0, 2, 1, 3).reshape(copies, n, e)
+        expect_close(
+            out,
+            merged @ p["w_out"].T + p["b_out"],
+            label=label,
+            what="attn_output (computed with the dropped-out weights you returned)",
+            atol=1e-4,
+        )
+    mean = out.mean(axis=0)
+    off = float(T.np_max(_np_abs(mean - exp_out[0])))
+    spread = float(T.np_max(_np_abs(exp_out[0] - p["b_out"])))
+    if off > 0.25 * spread:
+        raise CheckFailure(
+            f"{label}: averaged over the copies, the output should approach the eval-mode output (dropout is unbiased); "
+            f"it is off by {off:.3g}.\n  expected: {show(exp_out[0])}\n  mean:     {show(mean)}\n"
+            "  Likely mistake: dropout must scale the kept weights by 1/(1-p)."
+        )
+
+
+def _oracle_heads_v(p: dict, q: np.ndarray, h: int) -> np.ndarray:
+    """The per-head values (B, H, S, D) of self-attention on ``q``."""
+    b, n, e = q.shape
+    vp = q @ p["w_in"][2 * e :].T + p["b_in"][2 * e :]
+    return vp.reshape(b, n, h, e // h).transpose(0, 2, 1, 3)
+
+
+def visible_MultiHeadAttention(cls) -> None:
+    """Structure and state dict, self- and cross-attention, both mask kinds, per-head weights, eval mode."""
+    rng = _rng(0)
+    e, h = 8, 2
+    p = _random_params(rng, e, True)
+    module = _build(cls, e, h, p=p)
+    _check_built_by_hand(cls)
+    _build(cls, e, h, bias=False, p=_random_params(rng, e, False))
+    x = _data(rng, 2, 4, e)
+    _run_case(module, p, x, None, None, h, defaults=True, note=", default arguments")
+    q, kv = _data(rng, 2, 3, e), _data(rng, 2, 5, e)
+    _run_case(module, p, q, kv, None, h, average=False)
+    k, v = _data(rng, 2, 5, e), _data(rng, 2, 5, e)
+    kpm = np.array([[False, False, False, True, True], [False, False, False, False, True]])
+    _run_case(module, p, q, k, v, h, kpm=kpm, average=False, note=", True = padding")
+    causal = np.triu(np.ones((4, 4), dtype=bool), 1)
+    _run_case(module, p, x, None, None, h, am=causal, average=False, note=", causal bool mask, True = not allowed")
+    bias_mask = rng.normal(size=(3, 5)).astype(np.float32).astype(np.float64)
+    _run_case(module, p, q, k, v, h, am=bias_mask, note=", float mask added to the scores")
+    _run_case(module, p, q, k, v, h, kpm=kpm, need_weights=False)
+    _check_dropout_eval(cls, rng)
+    passed("MultiHeadAttention", 9)
+
+
+def hidden_MultiHeadAttention(cls, seed: int = 44) -> None:
+    """Odd sizes, float64, one head, D = 1, L = 1, S = 1, fully masked rows, 3D and float masks, both masks,
+    is_causal, large values, no bias, and dropout in training mode."""
+    rng = _rng(seed)
+    count = 0
+    _build(cls, 8, 2)
+    _check_built_by_hand(cls)
+
+    def case(e, h, b, n, s, *, bias=True, dtype=_t_float32, scale=1.0, self_attn=False, kv_same=False, **kw):
+        nonlocal count
+        p = _random_params(rng, e, bias)
+        module = _build(cls, e, h, bias=bias, p=p, dtype=dtype)
+        q = _data(rng, b, n, e, scale)
+        k = None if self_attn else _data(rng, b, s, e, scale)
+        v = None if (self_attn or kv_same) else _data(rng, b, s, e, scale)
+        _run_case(module, p, q, k, v, h, dtype=dtype, **kw)
+        count += 1
+
+    case(15, 5, 3, 7, 7, dtype=_t_float64, self_attn=True, average=False, note=", odd sizes")
+    case(6, 1, 2, 4, 3, average=False, note=", one head")
+    case(6, 6, 2, 3, 5, average=False, note=", one feature per head")
+    case(8, 2, 2, 1, 6, note=", one query")
+    case(8, 4, 2, 5, 1, average=False, note=", one key")
+    case(12, 3, 2, 4, 6, bias=False, average=False, note=", bias=False")
+    case(8, 2, 2, 4, 6, kv_same=True, average=False, note=", key is value")
+    kpm = np.zeros((2, 5), dtype=bool)
+    kpm[1] = True
+    case(8, 2, 2, 3, 5, kpm=kpm, average=False, note=", every key of batch 1 padded")
+    case(8, 2, 2, 3, 5, kpm=kpm, need_weights=False, note=", every key of batch 1 padded")
+    am = np.zeros((4, 4), dtype=bool)
+    am[2] = True
+    case(8, 2, 2, 4, 4, self_attn=True, am=am, average=False, note=", query 2 may attend nothing")
+    am3 = rng.random(size=(2 * 2, 3, 5)) < 0.4
+    am3[1, 0] = True
+    case(8, 2, 2, 3, 5, am=am3, average=False, note=", a 3D mask, one mask per (batch, head)")
+    fm = rng.normal(size=(2 * 4, 3, 4)).astype(np.float32).astype(np.float64)
+    fm[rng.random(size=fm.shape) < 0.3] = -np.inf
+    case(8, 4, 2, 3, 4, am=fm, average=False, note=", a 3D float mask with -inf entries")
+    fk = rng.normal(size=(2, 6)).astype(np.float32).astype(np.float64)
+    fk[0, :2] = -np.inf
+    case(8, 2, 2, 4, 6, kpm=fk, average=False, note=", a float key_padding_mask")
+    both_k = rng.random(size=(3, 6)) < 0.3
+    both_a = rng.random(size=(5, 6)) < 0.3
+    case(8, 2, 3, 5, 6, kpm=both_k, am=both_a, average=False, note=", both masks")
+    case(8, 2, 2, 5, 5, self_attn=True, causal=True, average=False, note=", is_causal=True without attn_mask")
+    causal = np.triu(np.ones((5, 5), dtype=bool), 1)
+    case(8, 2, 2, 5, 5, self_attn=True, am=causal, causal=True, note=", is_causal=True with its causal attn_mask")
+    pad = np.zeros((2, 5), dtype=bool)
+    pad[0, 3:] = True
+    case(8, 2, 2, 5, 5, self_attn=True, kpm=pad, causal=True, average=False, note=", is_causal=True and padding")
+    case(16, 4, 2, 6, 9, dtype=_t_float64, scale=30.0, average=False, note=", large inputs (scores in the thousands)")
+    case(16, 4, 2, 6, 9, scale=8.0, average=False, note=", large inputs")
+    _check_dropout_eval(cls, rng)
+    _check_dropout_train(cls, rng)
+    passed("MultiHeadAttention", count + 2, hidden=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# multi_head_attention_flops
+# ---------------------------------------------------------------------------------------------
+
+
+def _flops_parts(b: int, n: int, s: int, e: int) -> dict:
+    return {
+        "q": 2 * b * n * e * e,
+        "kv": 4 * b * s * e * e,
+        "scores": 2 * b * n * s * e,
+        "mix": 2 * b * n * s * e,
+        "out": 2 * b * n * e * e,
+    }
+
+
+def _flops_fingerprints(b: int, n: int, s: int, e: int, h: int) -> dict:
+    c = _flops_parts(b, n, s, e)
+    total = _sum(c.values())
+    d = e // h
+    return {
+        "counted a multiply-add as 1 FLOP; it is 2 (one multiply, one add)": total // 2,
+        "left out the projections (Q, K, V and output): they are matrix products too": c["scores"] + c["mix"],
+        "left out the output projection (2·B·L·E² FLOPs)": total - c["out"],
+        "left out the Q, K, V projections": c["scores"] + c["mix"] + c["out"],
+        "computed the K and V projections from the L query tokens; they project the S key/value tokens": total
+        - c["kv"]
+        + 4 * b * n * e * e,
+        "counted only one of the K and V projections": total - c["kv"] // 2,
+        "counted Q·Kᵀ but not the weighted sum of the values (weights · V)": total - c["mix"],
+        "multiplied the attention cost by num_heads with width E per head; each head works on D = E/H features": (
+            total - c["scores"] - c["mix"] + h * (c["scores"] + c["mix"])
+        ),
+        "forgot the factor num_heads: every one of the H heads costs 2·B·L·S·D for Q·Kᵀ and again for weights·V": (
+            total - c["scores"] - c["mix"] + (c["scores"] + c["mix"]) // h if e == h * d else -1
+        ),
+    }
+
+
+def _check_flops_case(fn, b: int, n: int, s: int, e: int, h: int, note: str = "") -> None:
+    label = f"multi_head_attention_flops(batch={b}, L={n}, S={s}, embed_dim={e}, num_heads={h}){note}"
+    result = call(fn, b, n, s, e, h, label=label)
+    if _isinstance(result, _bool_t) or not (_isinstance(result, _int) or _isinstance(result, _integer)):
+        hint = " Use // rather than /, or int(...), so the count stays exact." if _isinstance(result, _float) else ""
+        raise CheckFailure(f"{label}: should return an int (an exact count of FLOPs), got {T.type_name(result)}.{hint}")
+    got = _int(result)
+    parts = _flops_parts(b, n, s, e)
+    want = _sum(parts.values())
+    if got == want:
+        return
+    lines = [
+        f"{label}: expected {want:,} FLOPs, got {got:,}.",
+        "  expected = Q projection 2·B·L·E² + K, V projections 2·2·B·S·E² + Q·Kᵀ 2·B·L·S·E + weights·V 2·B·L·S·E "
+        "+ output projection 2·B·L·E²",
+        f"           = {parts['q']:,} + {parts['kv']:,} + {parts['scores']:,} + {parts['mix']:,} + {parts['out']:,}",
+    ]
+    mistakes = [mistake for mistake, value in _flops_fingerprints(b, n, s, e, h).items() if value == got]
+    if mistakes:
+        lines.append("  Likely mistake: " + "; or ".join(mistakes) + ".")
+    raise CheckFailure("\n".join(lines))
+
+
+def visible_multi_head_attention_flops(fn) -> None:
+    """Self-attention at two sizes, and cross-attention."""
+    _check_flops_case(fn, 1, 4, 4, 8, 2)
+    _check_flops_case(fn, 2, 16, 16, 64, 8)
+    _check_flops_case(fn, 1, 3, 5, 8, 4, " (cross-attention, L != S)")
+    passed("multi_head_attention_flops", 3)
+
+
+def hidden_multi_head_attention_flops(fn) -> None:
+    """One head and one feature per head, odd sizes, L much larger than S, and large exact counts."""
+    for h in (1, 2, 4, 64):
+        _check_flops_case(fn, 2, 10, 10, 64, h, f" ({h} head{'s' if h > 1 else ''}: the cost does not depend on H)")
+    _check_flops_case(fn, 3, 7, 11, 15, 5, " (odd sizes)")
+    _check_flops_case(fn, 4, 100, 3, 12, 3, " (L much larger than S)")
+    _check_flops_case(fn, 1, 1, 1, 1, 1, " (one of everything)")
+    _check_flops_case(fn, 64, 131071, 131071, 16384, 128, " (a count beyond 2**53: keep it an exact int)")
+    passed("multi_head_attention_flops", 8, hidden=True)
+
+
+# {exercise: (visible points, hidden points)}, in the order the exercises appear.
+POINTS = {
+    "split_heads": (1, 1),
+    "merge_heads": (1, 1),
+    "MultiHeadAttention": (4, 4),
+    "multi_head_attention_flops": (1, 1),
+}

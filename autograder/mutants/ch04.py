@@ -1,0 +1,315 @@
+"""Mutants of chapter 4: wrong split_heads, merge_heads, MultiHeadAttention and FLOP counts.
+
+Most mutants of ``MultiHeadAttention`` are ``TEMPLATE`` (a correct layer, written independently
+of ``solutions/``) with one realistic mistake edited in; ``tests/test_ch04.py`` proves that the
+template itself passes every check, so each mutant fails for its own mistake only.
+"""
+
+from autograder.mutants import Mutant
+
+TEMPLATE = """
+class MultiHeadAttention(nn.Module):
+    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True):
+        super().__init__()
+        self.embed_dim, self.num_heads, self.dropout = embed_dim, num_heads, dropout
+        self.head_dim = embed_dim // num_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        if bias:
+            self.in_proj_bias = nn.Parameter(torch.zeros(3 * embed_dim))
+        else:
+            self.register_parameter("in_proj_bias", None)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        B, L, E = query.shape
+        S = key.shape[1]
+        H, D = self.num_heads, self.head_dim
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+        q = F.linear(query, w_q, b_q).reshape(B, L, H, D).transpose(1, 2)
+        k = F.linear(key, w_k, b_k).reshape(B, S, H, D).transpose(1, 2)
+        v = F.linear(value, w_v, b_v).reshape(B, S, H, D).transpose(1, 2)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(D)
+        if attn_mask is None and is_causal:
+            attn_mask = torch.ones(L, S, dtype=torch.bool).triu(1)
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:
+                attn_mask = torch.zeros(attn_mask.shape, dtype=scores.dtype).masked_fill(attn_mask, float("-inf"))
+            if attn_mask.dim() == 3:
+                attn_mask = attn_mask.view(B, H, L, S)
+            scores = scores + attn_mask
+        if key_padding_mask is not None:
+            if key_padding_mask.dtype == torch.bool:
+                key_padding_mask = torch.zeros(key_padding_mask.shape, dtype=scores.dtype).masked_fill(
+                    key_padding_mask, float("-inf"))
+            scores = scores + key_padding_mask.view(B, 1, 1, S)
+        weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        weights = F.dropout(weights, p=self.dropout, training=self.training)
+        out = (weights @ v).transpose(1, 2).reshape(B, L, E)
+        out = self.out_proj(out)
+        if not need_weights:
+            return out, None
+        return out, (weights.mean(dim=1) if average_attn_weights else weights)
+"""
+
+
+def _edit(*pairs: tuple[str, str]) -> str:
+    """``TEMPLATE`` with each ``old`` text replaced by ``new`` (each must occur)."""
+    source = TEMPLATE
+    for old, new in pairs:
+        if old not in source:
+            raise ValueError(f"mutant edit does not apply: {old!r}")
+        source = source.replace(old, new)
+    return source
+
+
+def _mha(name: str, diagnosis: str, *pairs: tuple[str, str]) -> Mutant:
+    return Mutant("MultiHeadAttention", name, diagnosis, _edit(*pairs))
+
+
+_SPLITS = (
+    (".reshape(B, L, H, D).transpose(1, 2)", ".view(B, H, L, D)"),
+    (".reshape(B, S, H, D).transpose(1, 2)", ".view(B, H, S, D)"),
+)
+
+MUTANTS = [
+    # split_heads
+    Mutant(
+        "split_heads",
+        "view_without_transpose",
+        "view without transpose",
+        """
+        def split_heads(x, num_heads):
+            B, L, E = x.shape
+            if E % num_heads:
+                raise ValueError("embed_dim must be divisible by num_heads")
+            return x.view(B, num_heads, L, E // num_heads)
+    """,
+    ),
+    Mutant(
+        "split_heads",
+        "split_sequence",
+        "split the sequence",
+        """
+        def split_heads(x, num_heads):
+            B, L, E = x.shape
+            if E % num_heads:
+                raise ValueError("embed_dim must be divisible by num_heads")
+            return x.reshape(B, num_heads, L // num_heads, E)
+    """,
+    ),
+    Mutant(
+        "split_heads",
+        "interleaved",
+        "interleaved",
+        """
+        def split_heads(x, num_heads):
+            B, L, E = x.shape
+            if E % num_heads:
+                raise ValueError("embed_dim must be divisible by num_heads")
+            return x.reshape(B, L, E // num_heads, num_heads).permute(0, 3, 1, 2)
+    """,
+    ),
+    Mutant(
+        "split_heads",
+        "no_value_error",
+        "ValueError",
+        """
+        def split_heads(x, num_heads):
+            B, L, E = x.shape
+            return x.reshape(B, L, num_heads, E // num_heads).transpose(1, 2)
+    """,
+    ),
+    Mutant(
+        "split_heads",
+        "no_transpose_at_all",
+        "transpose(1, 2)",
+        """
+        def split_heads(x, num_heads):
+            B, L, E = x.shape
+            if E % num_heads:
+                raise ValueError("embed_dim must be divisible by num_heads")
+            return x.reshape(B, L, num_heads, E // num_heads)
+    """,
+    ),
+    # merge_heads
+    Mutant(
+        "merge_heads",
+        "reshape_without_transpose",
+        "without transpose",
+        """
+        def merge_heads(x):
+            B, H, L, D = x.shape
+            return x.reshape(B, L, H * D)
+    """,
+    ),
+    Mutant(
+        "merge_heads",
+        "view_after_transpose",
+        "contiguous",
+        """
+        def merge_heads(x):
+            B, H, L, D = x.shape
+            return x.transpose(1, 2).view(B, L, H * D)
+    """,
+    ),
+    Mutant(
+        "merge_heads",
+        "average_heads",
+        "summed or averaged the heads",
+        """
+        def merge_heads(x):
+            return x.mean(dim=1)
+    """,
+    ),
+    Mutant(
+        "merge_heads",
+        "interleaved",
+        "interleaved",
+        """
+        def merge_heads(x):
+            B, H, L, D = x.shape
+            return x.permute(0, 2, 3, 1).reshape(B, L, H * D)
+    """,
+    ),
+    # MultiHeadAttention
+    _mha("scale_sqrt_num_heads", "1/sqrt(num_heads)", ("/ math.sqrt(D)", "/ math.sqrt(H)")),
+    _mha("scale_sqrt_embed_dim", "1/sqrt(E)", ("/ math.sqrt(D)", "/ math.sqrt(E)")),
+    _mha("no_scale", "did not scale", ("/ math.sqrt(D)", "")),
+    _mha("view_without_transpose", "view without transpose", *_SPLITS),
+    _mha(
+        "merge_without_transpose",
+        "merged the heads without transpose",
+        ("(weights @ v).transpose(1, 2).reshape", "(weights @ v).reshape"),
+    ),
+    _mha("no_output_projection", "no output projection", ("out = self.out_proj(out)", "pass")),
+    _mha("dropout_in_eval_mode", "dropout is active in eval mode", ("training=self.training", "training=True")),
+    _mha(
+        "inverted_masks",
+        "inverted the boolean mask",
+        (".masked_fill(attn_mask, float", ".masked_fill(~attn_mask, float"),
+        ('key_padding_mask, float("-inf"))', '~key_padding_mask, float("-inf"))'),
+    ),
+    _mha("nan_on_fully_masked_rows", "fully masked", (".nan_to_num(0.0)", "")),
+    _mha(
+        "finite_fill_value",
+        "large finite negative number",
+        ('masked_fill(attn_mask, float("-inf"))', "masked_fill(attn_mask, -1e9)"),
+        ('key_padding_mask, float("-inf"))', "key_padding_mask, -1e9)"),
+    ),
+    _mha(
+        "key_padding_mask_ignored",
+        "key_padding_mask was ignored",
+        ("scores = scores + key_padding_mask.view(B, 1, 1, S)", "pass"),
+    ),
+    _mha("attn_mask_ignored", "attn_mask was ignored", ("scores = scores + attn_mask", "pass")),
+    _mha("is_causal_ignored", "is_causal was ignored", ("if attn_mask is None and is_causal:", "if False:")),
+    _mha("mask_3d_heads_first", "(H, B, L, S)", ("attn_mask.view(B, H, L, S)", "attn_mask.view(H, B, L, S).transpose(0, 1)")),
+    _mha(
+        "float_mask_as_bool",
+        "treated a float mask as a boolean",
+        (
+            "            if attn_mask.dim() == 3:",
+            "            else:\n                attn_mask = torch.zeros(attn_mask.shape, dtype=scores.dtype).masked_fill("
+            'attn_mask != 0, float("-inf"))\n            if attn_mask.dim() == 3:',
+        ),
+    ),
+    _mha("softmax_over_queries", "over the queries", ("torch.softmax(scores, dim=-1)", "torch.softmax(scores, dim=-2)")),
+    _mha(
+        "self_attention_only",
+        "computed keys and values from `query`",
+        ("F.linear(key, w_k, b_k)", "F.linear(query, w_k, b_k)"),
+        ("F.linear(value, w_v, b_v)", "F.linear(query, w_v, b_v)"),
+        ("S = key.shape[1]", "S = query.shape[1]"),
+    ),
+    _mha(
+        "key_value_swapped",
+        "swapped key and value",
+        ("F.linear(key, w_k, b_k)", "F.linear(value, w_k, b_k)"),
+        ("F.linear(value, w_v, b_v)", "F.linear(key, w_v, b_v)"),
+    ),
+    _mha("qkv_order", "wrong order", ("w_q, w_k, w_v = ", "w_k, w_q, w_v = "), ("b_q, b_k, b_v = ", "b_k, b_q, b_v = ")),
+    _mha("sum_of_heads", "summed the heads' weights", ("weights.mean(dim=1)", "weights.sum(dim=1)")),
+    _mha(
+        "dropout_not_rescaled",
+        "1/(1-p)",
+        (
+            "weights = F.dropout(weights, p=self.dropout, training=self.training)",
+            "if self.training and self.dropout > 0:\n            weights = weights * (torch.rand_like(weights) >= self.dropout)",
+        ),
+    ),
+    _mha(
+        "mask_after_softmax",
+        "masked after the softmax",
+        ("/ math.sqrt(D)\n", "/ math.sqrt(D)\n        blocked = None\n"),
+        ("scores = scores + attn_mask", 'blocked = attn_mask == float("-inf")'),
+        (
+            "weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)\n",
+            "weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)\n"
+            "        if blocked is not None:\n            weights = weights.masked_fill(blocked, 0.0)\n",
+        ),
+    ),
+    # multi_head_attention_flops
+    Mutant(
+        "multi_head_attention_flops",
+        "no_projections",
+        "left out the projections",
+        """
+        def multi_head_attention_flops(batch, L, S, embed_dim, num_heads):
+            return 4 * batch * L * S * embed_dim
+    """,
+    ),
+    Mutant(
+        "multi_head_attention_flops",
+        "multiply_add_is_one",
+        "multiply-add as 1",
+        """
+        def multi_head_attention_flops(batch, L, S, embed_dim, num_heads):
+            E = embed_dim
+            return batch * L * E * E + 2 * batch * S * E * E + 2 * batch * L * S * E + batch * L * E * E
+    """,
+    ),
+    Mutant(
+        "multi_head_attention_flops",
+        "heads_multiply_cost",
+        "multiplied the attention cost by num_heads",
+        """
+        def multi_head_attention_flops(batch, L, S, embed_dim, num_heads):
+            E = embed_dim
+            attention = num_heads * (2 * batch * L * S * E + 2 * batch * L * S * E)
+            return 2 * batch * L * E * E + 4 * batch * S * E * E + attention + 2 * batch * L * E * E
+    """,
+    ),
+    Mutant(
+        "multi_head_attention_flops",
+        "kv_from_queries",
+        "from the L query tokens",
+        """
+        def multi_head_attention_flops(batch, L, S, embed_dim, num_heads):
+            E = embed_dim
+            return 8 * batch * L * E * E + 4 * batch * L * S * E
+    """,
+    ),
+    Mutant(
+        "multi_head_attention_flops",
+        "float_division",
+        "should return an int",
+        """
+        def multi_head_attention_flops(batch, L, S, embed_dim, num_heads):
+            E, D = embed_dim, embed_dim / num_heads
+            return 4 * batch * L * E * E + 4 * batch * S * E * E + 4 * batch * num_heads * L * S * D
+    """,
+    ),
+    Mutant(
+        "multi_head_attention_flops",
+        "one_head_only",
+        "forgot the factor num_heads",
+        """
+        def multi_head_attention_flops(batch, L, S, embed_dim, num_heads):
+            E, D = embed_dim, embed_dim // num_heads
+            return 4 * batch * L * E * E + 4 * batch * S * E * E + 4 * batch * L * S * D
+    """,
+    ),
+]
