@@ -5,12 +5,12 @@ from autograder import checks as _checks  # noqa: F401  (captures trusted refere
 __all__ = ["self_check"]
 
 
-def self_check(namespace: dict, chapter: str | int) -> bool:
+def self_check(namespace: dict, chapter: str | int) -> None:
     """Run every visible check of ``chapter`` on the exercises defined in ``namespace``.
 
-    Prints one line per exercise and returns True when all of them pass. Use it as the
-    last cell of a chapter: ``self_check(globals(), 1)``.
+    Prints one line per exercise and a verdict. Use it as the last cell of a chapter:
+    ``self_check(globals(), 1)``.
     """
     from autograder.checks.runner import self_check as _run
 
-    return _run(namespace, chapter)
+    _run(namespace, chapter)

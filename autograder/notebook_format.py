@@ -92,16 +92,20 @@ def nbgrader_meta(grade_id: str, *, solution: bool = False, grade: bool = False,
     return meta
 
 
+def _points(p: float) -> str:
+    return f"{p:g} point{'' if p == 1 else 's'}"
+
+
 def visible_test_source(ex: Exercise) -> str:
     return (
-        f"# Visible tests for `{ex.name}` ({ex.visible_points:g} points). Run this cell to check your work.\n"
+        f"# Visible tests for `{ex.name}` ({_points(ex.visible_points)}). Run this cell to check your work.\n"
         f"from {ex.checks_module} import visible_{ex.name}\n\n"
         f"visible_{ex.name}({ex.name})"
     )
 
 
 def hidden_test_source(ex: Exercise, form: Form) -> str:
-    head = f"# Hidden tests for `{ex.name}` ({ex.hidden_points:g} points) run when your notebook is graded."
+    head = f"# Hidden tests for `{ex.name}` ({_points(ex.hidden_points)}) run when your notebook is graded."
     if form != "source":
         return head
     return f"{head}\n{BEGIN_HIDDEN}\nfrom {ex.checks_module} import hidden_{ex.name}\n\nhidden_{ex.name}({ex.name})\n{END_HIDDEN}"

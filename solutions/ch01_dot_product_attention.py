@@ -18,7 +18,11 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     ### END SOLUTION
 
 
-def attend(query: np.ndarray, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def attend(
+    query: np.ndarray,
+    keys: np.ndarray,
+    values: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
     """Soft lookup of one query.
 
     query (d,), keys (n, d), values (n, d_v) -> (output (d_v,), weights (n,)),
@@ -31,7 +35,11 @@ def attend(query: np.ndarray, keys: np.ndarray, values: np.ndarray) -> tuple[np.
     ### END SOLUTION
 
 
-def dot_product_attention(queries: np.ndarray, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def dot_product_attention(
+    queries: np.ndarray,
+    keys: np.ndarray,
+    values: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
     """Soft lookup of many queries at once, without a Python loop.
 
     queries (m, d), keys (n, d), values (n, d_v) -> (output (m, d_v), weights (m, n)).
