@@ -1,0 +1,889 @@
+"""Checks for chapter 5, Transformer blocks and what heads learn.
+
+The oracle for ``TransformerBlock`` is the block written out in float64 NumPy here (layer
+norm with eps 1e-5, multi-head self-attention with PyTorch's mask conventions, the
+position-wise feed-forward network with ReLU or exact GELU, residual connections before or
+after the norm), fed with the parameters of a real ``nn.TransformerEncoderLayer`` through its
+state dict. ``tests/test_ch05.py`` proves that the oracle equals ``nn.TransformerEncoderLayer``
+for both norm placements, both activations and every kind of mask used here. For float32
+inputs the tolerance is measured: the oracle also runs in float32 arithmetic, and a student may
+be a few times further from the float64 result than that. Wrong answers are compared with the
+outputs of known mistakes (variants of the oracle) to name them.
+
+The two head scores are checked against direct float64 sums over the attention matrices.
+
+Everything a student cell could rebind (NumPy and torch functions, ``nn.TransformerEncoderLayer``,
+``nn.Module`` methods, ``torch.autograd.grad``) is captured when this module is imported,
+before student code runs.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import math
+import textwrap
+
+import numpy as np
+import torch
+
+from autograder.checks import trusted as T
+from autograder.checks.common import CheckFailure, call, expect_close, max_error, passed, to_float64
+
+# References captured at import time (the setup cell imports this module before student code).
+_EncoderLayer = torch.nn.TransformerEncoderLayer
+_Module = torch.nn.Module
+_module_to = torch.nn.Module.to
+_module_train = torch.nn.Module.train
+_module_state_dict = torch.nn.Module.state_dict
+_module_load_state_dict = torch.nn.Module.load_state_dict
+_module_named_parameters = torch.nn.Module.named_parameters
+_fork_rng = torch.random.fork_rng
+_manual_seed = torch.manual_seed
+_clone = torch._C.TensorBase.clone
+_dtype_of = torch._C.TensorBase.dtype.__get__
+_requires_grad_ = torch._C.TensorBase.requires_grad_
+_t_equal = torch.equal
+_t_mul = torch.mul
+_t_sum = torch.sum
+_autograd_grad = torch.autograd.grad
+_t_float32 = torch.float32
+_t_float64 = torch.float64
+_t_bool = torch.bool
+_from_numpy = torch.from_numpy
+_rng = np.random.default_rng
+_exp = np.exp
+_np_sqrt = np.sqrt
+_tanh = np.tanh
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+_where = np.where
+_zeros = np.zeros
+_ones = np.ones
+_triu = np.triu
+_tril = np.tril
+_eye = np.eye
+_arange = np.arange
+_isinf = np.isinf
+_np_any = np.any
+_np_all = np.all
+_np_abs = np.abs
+_array_equal = np.array_equal
+_f32 = np.float32
+_f64 = np.float64
+_np_bool = np.bool_
+_inf = math.inf
+_sqrt = math.sqrt
+_pi = math.pi
+_float = float
+_abs = abs
+_str = str
+_isinstance = isinstance
+_getattr = getattr
+_hasattr = hasattr
+_vars = vars
+
+EPS = 1e-5
+FORBIDDEN = {
+    "TransformerEncoderLayer",
+    "TransformerEncoder",
+    "TransformerDecoderLayer",
+    "TransformerDecoder",
+    "Transformer",
+    "_transformer_encoder_layer_fwd",
+}
+
+
+def _tensor(a: np.ndarray, dtype) -> torch.Tensor:
+    return T._to(_from_numpy(T.np_array(a, copy=True)), dtype=dtype)
+
+
+def _as_tensor_result(result, *, label: str, what: str, dtype) -> np.ndarray:
+    """A float64 copy of an exact ``torch.Tensor`` result of the expected dtype."""
+    if not T.is_tensor(result):
+        raise CheckFailure(f"{label}: the {what} should be a torch.Tensor, got {T.type_name(result)}.")
+    if dtype is not None and _dtype_of(result) != dtype:
+        raise CheckFailure(f"{label}: the {what} should keep the input's dtype {dtype}, got {_dtype_of(result)}.")
+    return T.tensor_to_float64(result)
+
+
+# ---------------------------------------------------------------------------------------------
+# TransformerBlock: the float64 oracle and the mistakes it can imitate
+# ---------------------------------------------------------------------------------------------
+
+MISTAKES = {
+    "pre_as_post": (
+        "used post-norm, x = norm1(x + SA(x)), although norm_first=True. Pre-norm normalises the input of each "
+        "sub-layer and adds the sub-layer's output to the un-normalised x: x = x + SA(norm1(x)), x = x + FF(norm2(x))."
+    ),
+    "post_as_pre": (
+        "used pre-norm, x = x + SA(norm1(x)), although norm_first=False. Post-norm (the original Transformer) "
+        "normalises after the residual sum: x = norm1(x + SA(x)), x = norm2(x + FF(x))."
+    ),
+    "no_res_attn": "no residual connection around self-attention: add the sub-layer's input x to its output.",
+    "no_res_ffn": "no residual connection around the feed-forward network: add its input to its output.",
+    "no_res": "no residual connections at all: each sub-layer's output must be added to its input (x + sublayer).",
+    "res_from_normed": (
+        "the residual adds the normalised x: with pre-norm the residual path carries the un-normalised x, "
+        "x = x + SA(norm1(x)), not norm1(x) + SA(norm1(x))."
+    ),
+    "norms_swapped": "swapped norm1 and norm2: norm1 belongs to self-attention, norm2 to the feed-forward network.",
+    "one_norm": "used norm1 for both sub-layers; the feed-forward sub-layer has its own norm2.",
+    "no_norm2": "the feed-forward sub-layer skips norm2.",
+    "parallel": (
+        "the feed-forward network read the block's input instead of the output of the self-attention sub-layer "
+        "(the two sub-layers run one after the other, not in parallel)."
+    ),
+    "final_norm": (
+        "normalised the output of a pre-norm block. In pre-norm the block returns the residual sum; the final "
+        "LayerNorm belongs after the last block of a stack, not inside each block."
+    ),
+    "act_other": "used the wrong activation: activation='relu' means F.relu, activation='gelu' means F.gelu.",
+    "gelu_tanh": (
+        "used the tanh approximation of GELU; nn.TransformerEncoderLayer uses the exact GELU, "
+        "0.5 x (1 + erf(x / sqrt 2)) (F.gelu with its default approximate='none')."
+    ),
+    "no_act": "no activation between linear1 and linear2: the feed-forward network is then a single linear map.",
+    "act_after_linear2": "applied the activation after linear2 as well; it belongs between linear1 and linear2 only.",
+    "eps_1e-6": "LayerNorm eps should be 1e-5 (PyTorch's default), not 1e-6.",
+    "eps_1e-12": "LayerNorm eps should be 1e-5 (PyTorch's default), not 1e-12.",
+    "eps_0": "a LayerNorm without eps: use nn.LayerNorm(d_model), whose eps is 1e-5.",
+    "no_affine": "the LayerNorms ignore their weight and bias (gamma and beta): use nn.LayerNorm modules norm1 and norm2.",
+    "inverted": "inverted the boolean mask. As in nn.MultiheadAttention, True means NOT allowed (masked out).",
+    "kpm_ignored": "key_padding_mask was ignored: pass it on to self-attention (True = padding, not attended).",
+    "attn_mask_ignored": "attn_mask was ignored: pass it on to self-attention.",
+    "causal_ignored": (
+        "is_causal was ignored: with attn_mask=None, is_causal=True must hide the future (query i sees keys j <= i). "
+        "Build the causal mask yourself: nn.MultiheadAttention needs an explicit attn_mask."
+    ),
+    "batch_first": (
+        "self-attention mixed the sequences of the batch instead of the tokens of each sequence: nn.MultiheadAttention "
+        "reads x as (L, B, E) unless it is created with batch_first=True."
+    ),
+    "no_scale": "attention scores were not scaled by 1/sqrt(head_dim).",
+    "scale_E": "attention scores were scaled by 1/sqrt(d_model) instead of 1/sqrt(head_dim).",
+}
+SHAPE_HINT_AVERAGED = (
+    "  Likely mistake: last_attention was averaged over heads. Keep one matrix per head: call self_attn with "
+    "need_weights=True and average_attn_weights=False."
+)
+DROPOUT_EVAL = (
+    "  Likely mistake: dropout is active in eval mode. After .eval() (self.training False) dropout must be off: use "
+    "nn.Dropout modules, or F.dropout(x, p, training=self.training) (F.dropout's default is training=True)."
+)
+TUPLE_HINT = (
+    "forward should return the output tensor (B, L, d_model) alone, like nn.TransformerEncoderLayer; keep the "
+    "per-head weights in self.last_attention instead of returning them."
+)
+
+
+def _layer_norm(x: np.ndarray, g, b, eps: float, dtype, affine: bool = True) -> np.ndarray:
+    mu = x.mean(axis=-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(axis=-1, keepdims=True)
+    y = (x - mu) / _np_sqrt(var + dtype(eps))
+    return y * g + b if affine else y
+
+
+def _gelu(x: np.ndarray, dtype) -> np.ndarray:
+    return T.np_array(0.5 * x * (1.0 + _erf(T.np_array(x, dtype=_f64) / _sqrt(2.0))), dtype=dtype)
+
+
+def _gelu_tanh(x: np.ndarray, dtype) -> np.ndarray:
+    return T.np_array(0.5 * x * (1.0 + _tanh(_sqrt(2.0 / _pi) * (x + 0.044715 * x**3))), dtype=dtype)
+
+
+def _additive(mask, dtype, variant: str) -> np.ndarray:
+    if mask.dtype == _np_bool:
+        blocked = ~mask if variant == "inverted" else mask
+        return _where(blocked, dtype(-_inf), dtype(0))
+    return T.np_array(mask, dtype=dtype)
+
+
+def _self_attention(p, x, h, *, kpm, am, causal, dtype, variant):
+    """Multi-head self-attention as nn.MultiheadAttention computes it: (output, weights (B, H, L, L))."""
+    b, n, e = x.shape
+    d = e // h
+    w_in, b_in = p["w_in"], p["b_in"]
+    qkv = [x @ w_in[i * e : (i + 1) * e].T + b_in[i * e : (i + 1) * e] for i in range(3)]
+    q, k, v = (t.reshape(b, n, h, d).transpose(0, 2, 1, 3) for t in qkv)
+    scale = {"no_scale": 1.0, "scale_E": 1 / _sqrt(e)}.get(variant, 1 / _sqrt(d))
+    scores = (q @ k.transpose(0, 1, 3, 2)) * dtype(scale)
+    add = _zeros((b, h, n, n), dtype=dtype)
+    if variant == "attn_mask_ignored":
+        am = None
+    if am is None and causal and variant != "causal_ignored":
+        am = _triu(_ones((n, n), dtype=_np_bool), 1)
+    if am is not None:
+        a = _additive(am, dtype, variant)
+        add = add + (a.reshape(b, h, n, n) if a.ndim == 3 else a)
+    if kpm is not None and variant != "kpm_ignored":
+        add = add + _additive(kpm, dtype, variant).reshape(b, 1, 1, n)
+    with T.np_errstate(all="ignore"):
+        scores = scores + add
+        top = scores.max(axis=-1, keepdims=True)
+        dead = top == -_inf
+        ex = _exp(scores - _where(dead, dtype(0), top))
+        w = _where(dead, dtype(0), ex / _where(dead, dtype(1), ex.sum(axis=-1, keepdims=True)))
+    merged = (w @ v).transpose(0, 2, 1, 3).reshape(b, n, e)
+    return merged @ p["w_out"].T + p["b_out"], w
+
+
+def _oracle(p, x, h, *, norm_first, activation, kpm=None, am=None, causal=False, dtype=_f64, variant=""):
+    """One encoder block written out: returns (output (B, L, E), per-head weights (B, H, L, L))."""
+    p = {k: T.np_array(v, dtype=dtype) for k, v in p.items()}
+    x = T.np_array(x, dtype=dtype)
+    kpm = kpm if kpm is None or kpm.dtype == _np_bool else T.np_array(kpm, dtype=dtype)
+    am = am if am is None or am.dtype == _np_bool else T.np_array(am, dtype=dtype)
+    eps = {"eps_1e-6": 1e-6, "eps_1e-12": 1e-12, "eps_0": 0.0}.get(variant, EPS)
+    n1, n2 = ("g2", "be2"), ("g1", "be1")
+    if variant != "norms_swapped":
+        n1, n2 = n2, n1
+    if variant == "one_norm":
+        n2 = n1
+
+    def norm(t, which):
+        return _layer_norm(t, p[which[0]], p[which[1]], eps, dtype, affine=variant != "no_affine")
+
+    def act(t):
+        kind = activation
+        if variant == "act_other":
+            kind = "gelu" if activation == "relu" else "relu"
+        if variant == "no_act":
+            return t
+        if variant == "gelu_tanh" and kind == "gelu":
+            return _gelu_tanh(t, dtype)
+        return _gelu(t, dtype) if kind == "gelu" else _where(t > 0, t, dtype(0))
+
+    def sa(t):
+        if variant == "batch_first":  # (B, L, E) read as (L, B, E): attention runs over the batch axis
+            if kpm is not None or am is not None or causal:
+                raise ValueError("the masks do not fit a batch read as a sequence")
+            o, wt = _self_attention(p, t.transpose(1, 0, 2), h, kpm=None, am=None, causal=False, dtype=dtype, variant="")
+            return o.transpose(1, 0, 2), wt
+        return _self_attention(p, t, h, kpm=kpm, am=am, causal=causal, dtype=dtype, variant=variant)
+
+    def ff(t):
+        y = act(t @ p["w1"].T + p["b1"]) @ p["w2"].T + p["b2"]
+        return act(y) if variant == "act_after_linear2" else y
+
+    res1 = variant not in ("no_res_attn", "no_res")
+    res2 = variant not in ("no_res_ffn", "no_res")
+    pre = norm_first
+    if variant == "pre_as_post" and norm_first:
+        pre = False
+    if variant == "post_as_pre" and not norm_first:
+        pre = True
+    if pre:
+        h1 = norm(x, n1)
+        a, w = sa(h1)
+        base = h1 if variant == "res_from_normed" else x
+        x1 = base + a if res1 else a
+        ff_in = x if variant == "parallel" else x1
+        h2 = ff_in if variant == "no_norm2" else norm(ff_in, n2)
+        base = h2 if variant == "res_from_normed" else x1
+        out = base + ff(h2) if res2 else ff(h2)
+        if variant == "final_norm":
+            out = _layer_norm(out, dtype(1), dtype(0), eps, dtype)
+    else:
+        a, w = sa(x)
+        x1 = norm(x + a if res1 else a, n1)
+        ff_in = x if variant == "parallel" else x1
+        s = ff_in + ff(ff_in) if res2 else ff(ff_in)
+        if variant == "parallel":
+            s = x1 + ff(ff_in)
+        out = s if variant == "no_norm2" else norm(s, n2)
+    return out, w
+
+
+def _random_params(rng, e: int, f: int) -> dict:
+    """Parameters rounded to float32 (they travel through a float32 state dict); norms and biases non-trivial."""
+    r = lambda *shape, std=1.0, mean=0.0: T.np_array((mean + rng.normal(size=shape, scale=std)).astype(_f32), dtype=_f64)
+    return {
+        "w_in": r(3 * e, e, std=1 / _sqrt(e)),
+        "b_in": r(3 * e, std=0.3),
+        "w_out": r(e, e, std=1 / _sqrt(e)),
+        "b_out": r(e, std=0.3),
+        "w1": r(f, e, std=1 / _sqrt(e)),
+        "b1": r(f, std=0.3),
+        "w2": r(e, f, std=1 / _sqrt(f)),
+        "b2": r(e, std=0.3),
+        "g1": r(e, std=0.3, mean=1.0),
+        "be1": r(e, std=0.3),
+        "g2": r(e, std=0.3, mean=1.0),
+        "be2": r(e, std=0.3),
+    }
+
+
+STATE_KEYS = {
+    "self_attn.in_proj_weight": "w_in",
+    "self_attn.in_proj_bias": "b_in",
+    "self_attn.out_proj.weight": "w_out",
+    "self_attn.out_proj.bias": "b_out",
+    "linear1.weight": "w1",
+    "linear1.bias": "b1",
+    "linear2.weight": "w2",
+    "linear2.bias": "b2",
+    "norm1.weight": "g1",
+    "norm1.bias": "be1",
+    "norm2.weight": "g2",
+    "norm2.bias": "be2",
+}
+
+
+def _torch_layer(e: int, h: int, f: int, *, dropout: float, norm_first: bool, activation: str, p: dict | None = None):
+    """A real nn.TransformerEncoderLayer (batch_first) holding the parameters ``p``."""
+    with _fork_rng(devices=[]):
+        ref = _EncoderLayer(e, h, f, dropout, activation, batch_first=True, norm_first=norm_first)
+    if p is not None:
+        _module_load_state_dict(ref, {k: _tensor(p[v], _t_float32) for k, v in STATE_KEYS.items()})
+    return ref
+
+
+def _shapes(module) -> dict:
+    return {k: T._tuple(v.shape) for k, v in _module_state_dict(module).items()}
+
+
+def _forbidden_names(cls) -> list[str]:
+    """Uses of PyTorch's own Transformer layers in the methods of ``cls`` ([] when the source is unknown)."""
+    found = []
+    for attr, fn in _vars(cls).items():
+        if not inspect.isfunction(fn):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        for node in ast.walk(tree):
+            name = node.id if _isinstance(node, ast.Name) else node.attr if _isinstance(node, ast.Attribute) else None
+            if name in FORBIDDEN:
+                found.append(f"{name} in {attr}")
+    return found
+
+
+def _signature(e, h, f, dropout, norm_first, activation) -> str:
+    return f"TransformerBlock({e}, {h}, {f}, dropout={dropout}, norm_first={norm_first}, activation={activation!r})"
+
+
+def _build(
+    cls, e, h, f, *, dropout=0.0, norm_first=True, activation="relu", p=None, dtype=_t_float32, train=True, ctor_defaults=False
+):
+    """Construct the student's block, check its structure, load nn.TransformerEncoderLayer's state dict into it.
+
+    With ``ctor_defaults`` the block is built as ``TransformerBlock(e, h, f)``: its defaults must be dropout=0.0,
+    norm_first=True, activation="relu".
+    """
+    label = f"TransformerBlock({e}, {h}, {f})" if ctor_defaults else _signature(e, h, f, dropout, norm_first, activation)
+    with _fork_rng(devices=[]):
+        if ctor_defaults:
+            module = call(cls, e, h, f, label=label)
+        else:
+            module = call(cls, e, h, f, dropout=dropout, norm_first=norm_first, activation=activation, label=label)
+    if not _isinstance(module, _Module):
+        raise CheckFailure(f"{label}: should be an nn.Module (class TransformerBlock(nn.Module)), got {T.type_name(module)}.")
+    if _isinstance(module, _EncoderLayer):
+        raise CheckFailure(f"{label}: build the block yourself instead of subclassing nn.TransformerEncoderLayer.")
+    forbidden = _forbidden_names(T._type(module))
+    if forbidden:
+        raise CheckFailure(
+            f"{label}: build the block from self-attention, LayerNorm and Linear layers; it uses PyTorch's own "
+            f"Transformer layers ({', '.join(forbidden)})."
+        )
+    ref = _torch_layer(e, h, f, dropout=dropout, norm_first=norm_first, activation=activation, p=p)
+    want, got = _shapes(ref), _shapes(module)
+    if want != got:
+        missing = [k for k in want if k not in got]
+        extra = [k for k in got if k not in want]
+        wrong = [f"{k}: {got[k]} instead of {want[k]}" for k in want if k in got and got[k] != want[k]]
+        details = []
+        if missing:
+            details.append(f"missing {missing}")
+        if extra:
+            details.append(f"unexpected {extra}")
+        if wrong:
+            details.append("wrong shapes: " + "; ".join(wrong))
+        raise CheckFailure(
+            f"{label}: its state dict should have the entries of nn.TransformerEncoderLayer({e}, {h}, {f}, batch_first=True), "
+            f"{want}; {', '.join(details)}. Use self_attn (chapter 4's multi-head attention, or nn.MultiheadAttention("
+            "d_model, num_heads, batch_first=True)), linear1 = nn.Linear(d_model, d_ff), linear2 = nn.Linear(d_ff, d_model), "
+            "norm1 and norm2 = nn.LayerNorm(d_model)."
+        )
+    try:
+        _module_load_state_dict(module, _module_state_dict(ref))
+    except Exception as exc:  # noqa: BLE001
+        raise CheckFailure(f"{label}: load_state_dict(nn.TransformerEncoderLayer(...).state_dict()) failed: {exc}") from None
+    try:
+        _module_to(module, dtype=dtype)
+        _module_train(module, train)
+    except Exception as exc:  # noqa: BLE001
+        raise CheckFailure(f"{label}: .to({dtype}) or .train({train}) failed: {exc}") from None
+    return module
+
+
+def _describe_mask(name: str, m) -> str:
+    if m is None:
+        return ""
+    kind = "bool" if m.dtype == _np_bool else "float"
+    return f", {name}={kind} {T._tuple(m.shape)}"
+
+
+def _mask_tensor(m, dtype):
+    if m is None:
+        return None
+    return _tensor(m, _t_bool) if m.dtype == _np_bool else _tensor(m, dtype)
+
+
+def _forward(module, label: str, xt, kwargs: dict):
+    try:
+        result = call(module, xt, label=label, **kwargs)
+    except CheckFailure as exc:
+        if "Need attn_mask" in _str(exc):
+            raise CheckFailure(f"{exc}\n  Likely mistake: {MISTAKES['causal_ignored']}") from None
+        raise
+    if T._type(result) in (T._tuple, list):
+        raise CheckFailure(f"{label}: returned a {T.type_name(result)}; {TUPLE_HINT}")
+    return result
+
+
+def _block_case(
+    module,
+    p: dict,
+    x: np.ndarray,
+    h: int,
+    *,
+    norm_first: bool,
+    activation: str,
+    kpm=None,
+    am=None,
+    causal: bool = False,
+    dtype=_t_float32,
+    defaults: bool = False,
+    mode: str = "training mode",
+    note: str = "",
+    sig: str = "",
+) -> np.ndarray:
+    """Run the student's block once and compare its output and last_attention with the oracle."""
+    b, n, e = x.shape
+    xt = _tensor(x, dtype)
+    kpm_t, am_t = _mask_tensor(kpm, dtype), _mask_tensor(am, dtype)
+    inputs = [t for t in (xt, kpm_t, am_t) if t is not None]
+    before = [_clone(t) for t in inputs]
+    kwargs = {}
+    if not defaults:
+        kwargs = {"attn_mask": am_t, "key_padding_mask": kpm_t}
+        if causal:
+            kwargs["is_causal"] = True
+    call_text = "(x)" if defaults else f"(x{_describe_mask('attn_mask', am)}{_describe_mask('key_padding_mask', kpm)}"
+    if not defaults:
+        call_text += ", is_causal=True)" if causal else ")"
+    label = f"{sig}{call_text} with x of shape {(b, n, e)} [{_str(dtype).replace('torch.', '')}, {mode}{note}]"
+    result = _forward(module, label, xt, kwargs)
+    out = _as_tensor_result(result, label=label, what="output", dtype=dtype)
+    for t, old in zip(inputs, before, strict=True):
+        if not _t_equal(t, old):
+            raise CheckFailure(f"{label}: the block changed one of its inputs in place.")
+
+    args = {"norm_first": norm_first, "activation": activation, "kpm": kpm, "am": am, "causal": causal}
+    exp_out, exp_w = _oracle(p, x, h, **args)
+    if dtype == _t_float64:
+        atol = 1e-8
+    else:
+        out32, w32 = _oracle(p, x, h, dtype=_f32, **args)
+        err = max(max_error(T.np_array(out32, dtype=_f64), exp_out), max_error(T.np_array(w32, dtype=_f64), exp_w))
+        atol = max(2e-5, 8 * err)
+    prints = {MISTAKES[m]: (lambda m=m: _oracle(p, x, h, variant=m, **args)[0]) for m in MISTAKES}
+    if T._tuple(out.shape) != (b, n, e):
+        raise CheckFailure(f"{label}: the output should have shape (B, L, d_model) = {(b, n, e)}, got {T._tuple(out.shape)}.")
+    expect_close(out, exp_out, label=label, what="output", atol=atol * 4, fingerprints=prints)
+
+    la = _getattr(module, "last_attention", None)
+    wlabel = f"{label}, then block.last_attention"
+    if la is None:
+        raise CheckFailure(
+            f"{wlabel}: is None or missing. Keep the per-head attention weights of the last forward in "
+            "self.last_attention, shape (B, num_heads, L, L)."
+        )
+    w = _as_tensor_result(la, label=wlabel, what="last_attention", dtype=None)
+    shape = T._tuple(w.shape)
+    if shape != (b, h, n, n):
+        hint = ""
+        if shape == (b, n, n) and h > 1:
+            hint = "\n" + SHAPE_HINT_AVERAGED
+        elif shape == (b * h, n, n):
+            hint = "\n  Likely mistake: the heads are folded into the batch: view the weights as (B, H, L, L)."
+        raise CheckFailure(f"{wlabel}: should have shape (B, H, L, L) = {(b, h, n, n)}, got {shape}.{hint}")
+    wprints = {MISTAKES[m]: (lambda m=m: _oracle(p, x, h, variant=m, **args)[1]) for m in MISTAKES}
+    expect_close(w, exp_w, label=wlabel, what="per-head attention weights", atol=atol, fingerprints=wprints)
+    return out
+
+
+def _data(rng, b: int, n: int, e: int, scale: float = 1.0, shift: float = 0.0) -> np.ndarray:
+    return T.np_array((shift + rng.normal(size=(b, n, e), scale=scale)).astype(_f32), dtype=_f64)
+
+
+def _case(
+    cls,
+    rng,
+    e,
+    h,
+    f,
+    b,
+    n,
+    *,
+    norm_first=True,
+    activation="relu",
+    dtype=_t_float32,
+    train=True,
+    scale=1.0,
+    shift=0.0,
+    ctor_defaults=False,
+    **kw,
+):
+    """Build a block with fresh random parameters and run one forward pass."""
+    p = _random_params(rng, e, f)
+    module = _build(
+        cls, e, h, f, norm_first=norm_first, activation=activation, p=p, dtype=dtype, train=train, ctor_defaults=ctor_defaults
+    )
+    x = _data(rng, b, n, e, scale, shift)
+    sig = f"TransformerBlock({e}, {h}, {f})" if ctor_defaults else _signature(e, h, f, 0.0, norm_first, activation)
+    mode = "training mode" if train else "eval mode"
+    return _block_case(module, p, x, h, norm_first=norm_first, activation=activation, dtype=dtype, mode=mode, sig=sig, **kw)
+
+
+def _check_dropout_eval(cls, rng, norm_first: bool) -> None:
+    """A block built with dropout=0.5, in eval mode, must be deterministic and dropout-free."""
+    e, h, f, b, n = 8, 2, 16, 2, 5
+    p = _random_params(rng, e, f)
+    module = _build(cls, e, h, f, dropout=0.5, norm_first=norm_first, p=p, train=False)
+    x = _data(rng, b, n, e)
+    xt = _tensor(x, _t_float32)
+    sig = _signature(e, h, f, 0.5, norm_first, "relu")
+    label = f"{sig} after .eval(), called twice on the same x of shape {(b, n, e)}"
+    with _fork_rng(devices=[]):
+        _manual_seed(0)
+        first = _forward(module, label, xt, {})
+        second = _forward(module, label, xt, {})
+    a = _as_tensor_result(first, label=label, what="output", dtype=_t_float32)
+    c = _as_tensor_result(second, label=label, what="output", dtype=_t_float32)
+    if T._tuple(a.shape) == T._tuple(c.shape) and not _array_equal(a, c):
+        raise CheckFailure(f"{label}: the two outputs differ (largest difference {max_error(a, c):.3g}).\n{DROPOUT_EVAL}")
+    try:
+        _block_case(module, p, x, h, norm_first=norm_first, activation="relu", mode="eval mode", sig=sig, defaults=True)
+    except CheckFailure as exc:
+        raise CheckFailure(f"{exc}\n{DROPOUT_EVAL}") from None
+
+
+def _check_dropout_train(cls, rng) -> None:
+    """Training mode with dropout=0.5: dropout must act (two calls differ); dropout=0.0 must not change anything."""
+    e, h, f, b, n = 8, 2, 16, 2, 6
+    p = _random_params(rng, e, f)
+    module = _build(cls, e, h, f, dropout=0.5, p=p, train=True)
+    xt = _tensor(_data(rng, b, n, e), _t_float32)
+    label = f"{_signature(e, h, f, 0.5, True, 'relu')} in training mode, called twice on the same x of shape {(b, n, e)}"
+    with _fork_rng(devices=[]):
+        _manual_seed(1)
+        first = _as_tensor_result(_forward(module, label, xt, {}), label=label, what="output", dtype=_t_float32)
+        second = _as_tensor_result(_forward(module, label, xt, {}), label=label, what="output", dtype=_t_float32)
+    if _array_equal(first, second):
+        raise CheckFailure(
+            f"{label}: both calls gave the same output, so dropout is not applied in training mode. Apply dropout "
+            "(probability `dropout`) to the attention weights, after self-attention, inside the feed-forward network "
+            "and after it, as nn.TransformerEncoderLayer does, and only while self.training is True."
+        )
+
+
+def _check_gradients(cls, rng) -> None:
+    """float64: every parameter gets a gradient, and d(out)/dx agrees with finite differences."""
+    e, h, f, b, n = 6, 2, 10, 2, 4
+    for norm_first in (True, False):
+        p = _random_params(rng, e, f)
+        module = _build(cls, e, h, f, norm_first=norm_first, p=p, dtype=_t_float64)
+        sig = _signature(e, h, f, 0.0, norm_first, "relu")
+        x, v, w = _data(rng, b, n, e), _data(rng, b, n, e), _data(rng, b, n, e)
+        label = f"{sig} in float64: the gradient of sum(w * block(x)) with x of shape {(b, n, e)}"
+        xt = _requires_grad_(_tensor(x, _t_float64))
+        wt = _tensor(w, _t_float64)
+        out = _forward(module, label, xt, {})
+        if not T.is_tensor(out):
+            raise CheckFailure(f"{label}: the output should be a torch.Tensor, got {T.type_name(out)}.")
+        params = [(name, t) for name, t in _module_named_parameters(module)]
+        try:
+            grads = _autograd_grad(_t_sum(_t_mul(out, wt)), [xt] + [t for _, t in params], allow_unused=True)
+        except Exception as exc:  # noqa: BLE001
+            raise CheckFailure(
+                f"{label} could not be computed ({T.type_name(exc)}: {exc}). Part of the block is cut off from autograd: "
+                "no .detach(), .data, torch.no_grad() or NumPy round trips in forward."
+            ) from None
+        cut = [name for (name, _), g in zip(params, grads[1:], strict=True) if g is None]
+        if cut:
+            raise CheckFailure(
+                f"{label}: no gradient reaches {cut}. Every parameter must take part in the output, through operations "
+                "autograd can follow (no .detach(), .data or torch.no_grad())."
+            )
+        g = T.tensor_to_float64(grads[0]) if grads[0] is not None else None
+        if g is None:
+            raise CheckFailure(f"{label}: no gradient reaches the input x: part of the block is cut off from autograd.")
+        step = 1e-6
+        with _fork_rng(devices=[]):
+            plus = T.tensor_to_float64(_forward(module, label, _tensor(x + step * v, _t_float64), {}))
+            minus = T.tensor_to_float64(_forward(module, label, _tensor(x - step * v, _t_float64), {}))
+        numeric = _float(((plus - minus) * w).sum() / (2 * step))
+        analytic = _float((g * v).sum())
+        if _abs(numeric - analytic) > 1e-5 * (1 + abs(numeric)):
+            raise CheckFailure(
+                f"{label}: the directional derivative from autograd is {analytic:.6g}, but finite differences of your "
+                f"forward give {numeric:.6g}. Part of the computation is hidden from autograd (for example a residual "
+                "added as x.detach() or x.data)."
+            )
+
+
+def visible_TransformerBlock(cls) -> None:
+    """Both norm placements, both activations, a causal mask, padding, is_causal, and dropout off in eval mode."""
+    rng = _rng(0)
+    _case(cls, rng, 8, 2, 16, 2, 5, defaults=True, ctor_defaults=True, note=", defaults: norm_first=True, activation='relu'")
+    causal = _triu(_ones((5, 5), dtype=_np_bool), 1)
+    _case(cls, rng, 8, 2, 16, 2, 5, norm_first=False, am=causal, note=", causal bool mask, True = not allowed")
+    kpm = T.np_array([[False, False, False, True, True], [False, False, False, False, True]])
+    _case(cls, rng, 8, 2, 16, 2, 5, activation="gelu", kpm=kpm, note=", True = padding")
+    _case(cls, rng, 8, 4, 12, 2, 6, norm_first=False, activation="gelu", causal=True, train=False, note=", no attn_mask")
+    _check_dropout_eval(cls, rng, norm_first=True)
+    passed("TransformerBlock", 5)
+
+
+def hidden_TransformerBlock(cls, seed: int = 51) -> None:
+    """Odd sizes, float64, one head, d_ff < d_model, L = 1, float and 3D masks, both masks, is_causal with padding,
+    large and tiny inputs (LayerNorm eps), last_attention refreshed, dropout in eval and training mode, gradients."""
+    rng = _rng(seed)
+    count = 0
+
+    def case(*args, **kw):
+        nonlocal count
+        _case(cls, rng, *args, **kw)
+        count += 1
+
+    for norm_first in (True, False):
+        case(15, 5, 7, 3, 7, norm_first=norm_first, activation="gelu", dtype=_t_float64, train=False, note=", odd sizes")
+        case(6, 1, 4, 2, 5, norm_first=norm_first, note=", one head, d_ff < d_model")
+        case(8, 2, 16, 2, 1, norm_first=norm_first, activation="gelu", note=", one token")
+        fm = rng.normal(size=(5, 5)).astype(_f32).astype(_f64)
+        fm[_triu(_ones((5, 5), dtype=_np_bool), 1)] = -_inf
+        case(8, 2, 16, 2, 5, norm_first=norm_first, am=fm, note=", a float mask with -inf above the diagonal")
+        am3 = rng.random(size=(2 * 2, 4, 4)) < 0.4
+        am3[:, :, 0] = False
+        case(8, 2, 16, 2, 4, norm_first=norm_first, activation="gelu", am=am3, note=", a 3D mask, one per (batch, head)")
+        kpm = _zeros((3, 6), dtype=_np_bool)
+        kpm[0, 4:] = True
+        kpm[2, 1:] = True
+        case(8, 4, 8, 3, 6, norm_first=norm_first, kpm=kpm, causal=True, note=", is_causal=True and padding")
+        both = rng.random(size=(6, 6)) < 0.3
+        both[:, 0] = False
+        case(8, 2, 16, 3, 6, norm_first=norm_first, kpm=kpm, am=both, train=False, note=", both masks")
+        case(8, 2, 16, 2, 5, norm_first=norm_first, activation="gelu", scale=20.0, note=", large inputs")
+        case(8, 2, 16, 2, 5, norm_first=norm_first, activation="gelu", scale=1e-3, shift=2.0, note=", nearly constant tokens")
+    causal = _triu(_ones((5, 5), dtype=_np_bool), 1)
+    case(8, 2, 16, 2, 5, am=causal, causal=True, dtype=_t_float64, note=", is_causal=True with its causal mask")
+
+    # last_attention belongs to the LAST call: a second call with another length must replace it.
+    p = _random_params(rng, 8, 16)
+    module = _build(cls, 8, 2, 16, p=p, train=False)
+    sig = _signature(8, 2, 16, 0.0, True, "relu")
+    for n in (6, 3):
+        _block_case(
+            module,
+            p,
+            _data(rng, 2, n, 8),
+            2,
+            norm_first=True,
+            activation="relu",
+            mode="eval mode",
+            sig=sig,
+            note=f", call {1 if n == 6 else 2} of 2",
+        )
+    count += 1
+
+    _check_dropout_eval(cls, rng, norm_first=False)
+    _check_dropout_train(cls, rng)
+    _check_gradients(cls, rng)
+    passed("TransformerBlock", count + 3, hidden=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# previous_token_score and induction_score
+# ---------------------------------------------------------------------------------------------
+
+
+def _offset_mean(w: np.ndarray, offset: int, start: int, denominator: int | None = None) -> np.ndarray:
+    """Mean over queries i = start .. L-1 of w[:, i, i + offset] (or their sum / denominator)."""
+    n = w.shape[-1]
+    rows = _arange(start, n)
+    rows = rows[(rows + offset >= 0) & (rows + offset < n)]
+    vals = w[:, rows, rows + offset]
+    return vals.sum(axis=-1) / (denominator if denominator is not None else T._len(rows))
+
+
+def _causal_weights(rng, h: int, n: int, scale: float = 2.0, causal: bool = True) -> np.ndarray:
+    s = rng.normal(size=(h, n, n)) * scale
+    if causal:
+        s = _where(_triu(_ones((n, n), dtype=_np_bool), 1), -_inf, s)
+    e = _exp(s - s.max(axis=-1, keepdims=True))
+    return T.np_array((e / e.sum(axis=-1, keepdims=True)).astype(_f32), dtype=_f64)
+
+
+def _score_result(fn, args: tuple, *, label: str, h: int, n: int, given: torch.Tensor) -> np.ndarray:
+    before = _clone(given)
+    result = call(fn, *args, label=label)
+    actual = to_float64(result, label=label)
+    if not _t_equal(given, before):
+        raise CheckFailure(f"{label}: your function changed the weights in place; work on a copy.")
+    shape = T._tuple(actual.shape)
+    if shape != (h,):
+        hint = ""
+        if shape == ():
+            hint = "\n  Likely mistake: you averaged over the heads too. Return one score per head: average over queries only."
+        elif shape == (n,) and n != h:
+            hint = (
+                "\n  Likely mistake: one number per position instead of per head. torch.diagonal takes its diagonal "
+                "from dims 0 and 1 by default: pass dim1=-2, dim2=-1 to read each head's (L, L) matrix."
+            )
+        elif T._len(shape) == 2:
+            hint = "\n  Likely mistake: the result is not averaged over the queries yet: take the mean over the last axis."
+        raise CheckFailure(f"{label}: should return one score per head, shape (H,) = {(h,)}, got {shape}.{hint}")
+    return actual
+
+
+PREV_MISTAKES = {
+    "diag": "read the diagonal (key i, the query's own token) instead of key i - 1, the token before it",
+    "next": (
+        "read key i + 1 instead of key i - 1 (rows are queries, columns are keys: weights[h, i, i - 1]; "
+        "torch.diagonal's offset -1 is the diagonal below the main one)"
+    ),
+    "all_queries": "averaged over all L queries; query 0 has no previous token and must be left out: divide by L - 1",
+    "sum": "summed over the queries instead of averaging: divide by the number of queries, L - 1",
+}
+
+
+def _prev_fingerprints(w: np.ndarray) -> dict:
+    n = w.shape[-1]
+    return {
+        PREV_MISTAKES["diag"]: lambda: _offset_mean(w, 0, 0),
+        PREV_MISTAKES["diag"] + " (over queries 1 .. L-1)": lambda: _offset_mean(w, 0, 1),
+        PREV_MISTAKES["next"]: lambda: _offset_mean(w, 1, 0),
+        PREV_MISTAKES["all_queries"]: lambda: _offset_mean(w, -1, 1, n),
+        PREV_MISTAKES["sum"]: lambda: _offset_mean(w, -1, 1, 1),
+    }
+
+
+def _check_prev_case(fn, w: np.ndarray, dtype=_t_float32, note: str = "") -> None:
+    h, n, _ = w.shape
+    label = f"previous_token_score(weights) with weights of shape {(h, n, n)}{note}"
+    given = _tensor(w, dtype)
+    actual = _score_result(fn, (given,), label=label, h=h, n=n, given=given)
+    expected = _offset_mean(w, -1, 1)
+    atol = 1e-9 if dtype == _t_float64 else 1e-6
+    expect_close(actual, expected, label=label, what="scores", atol=atol, fingerprints=_prev_fingerprints(w))
+
+
+def _toy_heads(n: int) -> np.ndarray:
+    """Three heads on L = n: a perfect previous-token head, causal uniform attention, attention to itself."""
+    prev = _eye(n, k=-1)
+    prev[0, 0] = 1.0
+    uniform = _tril(_ones((n, n))) / _arange(1, n + 1)[:, None]
+    return T.np_array([prev, uniform, _eye(n)], dtype=_f64)
+
+
+def visible_previous_token_score(fn) -> None:
+    """Three hand-made heads (scores 1, the causal average, 0) and random causal attention."""
+    _check_prev_case(fn, _toy_heads(5), note=" (previous-token, uniform causal and self heads)")
+    _check_prev_case(fn, _causal_weights(_rng(0), 4, 7), note=" (random causal attention)")
+    passed("previous_token_score", 2)
+
+
+def hidden_previous_token_score(fn, seed: int = 52) -> None:
+    """L = 2, one head, non-causal weights, float64, many heads, long sequences."""
+    rng = _rng(seed)
+    _check_prev_case(fn, _causal_weights(rng, 3, 2), note=" (L = 2: one query counts)")
+    _check_prev_case(fn, _causal_weights(rng, 1, 6), note=" (one head)")
+    _check_prev_case(fn, _causal_weights(rng, 5, 6, causal=False), note=" (attention to every key, not causal)")
+    _check_prev_case(fn, _causal_weights(rng, 3, 9, causal=False), _t_float64, " (float64)")
+    _check_prev_case(fn, _causal_weights(rng, 12, 12), note=" (H = L)")
+    _check_prev_case(fn, _causal_weights(rng, 4, 64, scale=4.0), note=" (L = 64)")
+    passed("previous_token_score", 6, hidden=True)
+
+
+IND_MISTAKES = {
+    "occurrence": (
+        "read key i - period, the earlier occurrence of the query's own token, instead of key i - period + 1, the "
+        "token that came after it (an induction head looks at what followed last time)"
+    ),
+    "from_period_minus_1": (
+        "included query period - 1: its token has not occurred before. Average over the queries i = period .. L-1 "
+        "only (a diagonal that starts at query period - 1 has one entry too many)"
+    ),
+    "all_queries": "averaged over all L queries; only the L - period queries i >= period count: divide by L - period",
+    "previous": "measured attention to the previous token (key i - 1) instead of key i - period + 1",
+    "transposed": "read weights[h, i - period + 1, i]: rows are queries and columns are keys, so read weights[h, i, i - period + 1]",
+    "two_ahead": "read key i - period + 2: the token after the previous occurrence sits at i - period + 1",
+    "sum": "summed over the queries instead of averaging: divide by the number of queries, L - period",
+}
+
+
+def _ind_fingerprints(w: np.ndarray, period: int) -> dict:
+    n = w.shape[-1]
+    return {
+        IND_MISTAKES["occurrence"]: lambda: _offset_mean(w, -period, period),
+        IND_MISTAKES["from_period_minus_1"]: lambda: _offset_mean(w, 1 - period, period - 1),
+        IND_MISTAKES["all_queries"]: lambda: _offset_mean(w, 1 - period, period, n),
+        IND_MISTAKES["previous"]: lambda: _offset_mean(w, -1, 1),
+        IND_MISTAKES["previous"] + " over the queries i >= period": lambda: _offset_mean(w, -1, period),
+        IND_MISTAKES["transposed"]: lambda: _offset_mean(w, period - 1, 1),
+        IND_MISTAKES["transposed"] + " (from query 0)": lambda: _offset_mean(w, period - 1, 0),
+        IND_MISTAKES["two_ahead"]: lambda: _offset_mean(w, 2 - period, period),
+        IND_MISTAKES["sum"]: lambda: _offset_mean(w, 1 - period, period, 1),
+    }
+
+
+def _check_ind_case(fn, w: np.ndarray, period: int, dtype=_t_float32, note: str = "") -> None:
+    h, n, _ = w.shape
+    label = f"induction_score(weights, period={period}) with weights of shape {(h, n, n)}{note}"
+    given = _tensor(w, dtype)
+    actual = _score_result(fn, (given, period), label=label, h=h, n=n, given=given)
+    expected = _offset_mean(w, 1 - period, period)
+    atol = 1e-9 if dtype == _t_float64 else 1e-6
+    expect_close(actual, expected, label=label, what="scores", atol=atol, fingerprints=_ind_fingerprints(w, period))
+
+
+def _toy_induction(period: int) -> np.ndarray:
+    """Three heads on a sequence repeated twice: a perfect induction head, a previous-token head, uniform causal."""
+    n = 2 * period
+    ind = _zeros((n, n))
+    for i in range(n):
+        ind[i, i - period + 1 if i >= period else 0] = 1.0
+    prev = _eye(n, k=-1)
+    prev[0, 0] = 1.0
+    uniform = _tril(_ones((n, n))) / _arange(1, n + 1)[:, None]
+    return T.np_array([ind, prev, uniform], dtype=_f64)
+
+
+def visible_induction_score(fn) -> None:
+    """Hand-made induction, previous-token and uniform heads; random attention on three repeats."""
+    _check_ind_case(fn, _toy_induction(4), 4, note=" (induction, previous-token and uniform causal heads)")
+    _check_ind_case(fn, _causal_weights(_rng(1), 4, 9), 3, note=" (random causal attention, three repeats)")
+    passed("induction_score", 2)
+
+
+def hidden_induction_score(fn, seed: int = 53) -> None:
+    """period 1 and 2, period = L - 1 (one query), non-causal weights, float64, long sequences."""
+    rng = _rng(seed)
+    _check_ind_case(fn, _causal_weights(rng, 3, 6), 1, note=" (period 1: every token repeats the last)")
+    _check_ind_case(fn, _causal_weights(rng, 3, 8), 2, note=" (period 2)")
+    _check_ind_case(fn, _causal_weights(rng, 2, 7), 6, note=" (period = L - 1: one query counts)")
+    _check_ind_case(fn, _causal_weights(rng, 5, 10, causal=False), 4, note=" (attention to every key, not causal)")
+    _check_ind_case(fn, _causal_weights(rng, 4, 11), 5, _t_float64, " (float64, odd length)")
+    _check_ind_case(fn, _causal_weights(rng, 6, 64, scale=4.0), 20, note=" (L = 64, period 20)")
+    passed("induction_score", 6, hidden=True)
+
+
+# {exercise: (visible points, hidden points)}, in the order the exercises appear.
+POINTS = {
+    "TransformerBlock": (3, 3),
+    "previous_token_score": (1, 1),
+    "induction_score": (1, 1),
+}
