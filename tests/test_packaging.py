@@ -45,3 +45,14 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in readme.split("\n## ")[0], "the README opens with `make test`"
     assert "make test" in ci
+
+
+def test_ruff_clean():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ruff = Path(sys.executable).parent / "ruff"
+    for args in (["check", "."], ["format", "--check", "."]):
+        result = subprocess.run([str(ruff), *args], cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0, f"ruff {' '.join(args)}:\n{result.stdout[-3000:]}"
