@@ -46,6 +46,9 @@ def _submissions(chapter: Chapter, workdir: Path) -> dict[str, Path]:
     nbformat.write(solved, str(subs["solution"]))
     for mutant in mutants_of(chapter.key):
         nb = render(read(chapter.notebook), chapter, "book")
+        # Only the setup, exercise and test cells: the chapter's demos (timings, training) cost
+        # minutes per notebook and do not bear on grading; (a) and (b) grade whole notebooks.
+        nb.cells = [c for c in nb.cells if c.cell_type == "markdown" or grade_id(c)]
         for cell in nb.cells:
             if grade_id(cell) == mutant.exercise:
                 cell.source = mutant.code
