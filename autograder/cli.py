@@ -79,6 +79,12 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("book", help="execute the chapters, stage skeletons with outputs, build the HTML book")
     s.add_argument("--jobs", type=int, default=2, help="notebooks executed in parallel (default 2)")
     s.set_defaults(func=_book)
+
+    s = sub.add_parser("grade", help="autograde a class: sandboxed, parallel, resumable; feedback pages and a grades CSV")
+    from autograder.grade import add_arguments as _grade_arguments
+
+    _grade_arguments(s)
+    s.set_defaults(func=_grade)
     return p
 
 
