@@ -303,10 +303,11 @@ class Sandbox:
                     out += ["--perms", "0755", "--dir", str(parent)]
             return out
 
+        # The private /tmp first: a checkout or venv that lives under /tmp is bound on top of it.
+        argv += ["--perms", "1777", "--size", str(self.limits.tmp_mb * 1024 * 1024), "--tmpfs", "/tmp"]
         for path in _python_paths():
             argv += [*parents(path), "--ro-bind", path, path]
         argv += ["--proc", "/proc", "--dev", "/dev"]
-        argv += ["--perms", "1777", "--size", str(self.limits.tmp_mb * 1024 * 1024), "--tmpfs", "/tmp"]
         for path in writable:
             argv += [*parents(path), "--bind", path, path]
         argv += ["--chdir", writable[0] if writable else "/tmp", "--", *command]
