@@ -204,6 +204,14 @@ def kernel_main(config: dict, spec: dict) -> None:
 # The zygote
 
 
+def _python_dirs_under_tmp() -> list[str]:
+    """The interpreter, virtual environment and course package directories that live under /tmp."""
+    import autograder
+
+    dirs = {sys.prefix, sys.base_prefix, os.path.dirname(os.path.dirname(autograder.__file__))}
+    return sorted(d for d in dirs if (d.rstrip("/") + "/").startswith("/tmp/"))
+
+
 def _isolate(worker_dir: str, kernel_dir: str, limits: dict) -> None:
     """In a forked child: new user/mount/PID/IPC namespaces where only ``kernel_dir`` is visible."""
     uid, gid = os.getuid(), os.getgid()
@@ -214,8 +222,15 @@ def _isolate(worker_dir: str, kernel_dir: str, limits: dict) -> None:
             f.write(text)
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     keep = os.open(kernel_dir, os.O_PATH | os.O_DIRECTORY)  # reachable after /tmp is replaced
+    # A checkout or venv under /tmp (a CI clone, say) must stay visible over the private /tmp.
+    python_dirs = [(path, os.open(path, os.O_PATH | os.O_DIRECTORY)) for path in _python_dirs_under_tmp()]
     tmp_size = f"size={int(limits.get('tmp_mb') or 256)}m"
     _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,{tmp_size}")
+    for path, fd in python_dirs:
+        os.makedirs(path, exist_ok=True)
+        _mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
+        _mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        os.close(fd)
     if os.path.isdir("/dev/shm"):
         _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,{tmp_size}")
     under_tmp = (worker_dir.rstrip("/") + "/").startswith("/tmp/")
