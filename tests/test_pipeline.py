@@ -115,9 +115,7 @@ def test_d_chapters_match_solutions_and_carry_no_outputs(chapter):
 def test_e_release_has_no_solutions_and_no_hidden_tests(tmp_path, chapter):
     course = release(tmp_path / "course", chapters=(chapter,))
     released = (course / "release" / chapter.slug / f"{chapter.slug}.ipynb").read_text()
-    leaked = [
-        line for src in solution_sources(chapter.solutions_module).values() for line in solution_lines(src) if line in released
-    ]
+    leaked = [line for line in _private_lines(chapter) if line in released]
     assert not leaked, f"solution lines in release/: {leaked[:3]}"
     assert BEGIN_HIDDEN not in released and "hidden_" + chapter.exercises[0].name + "(" not in released
     source = (course / "source" / chapter.slug / f"{chapter.slug}.ipynb").read_text()
@@ -133,9 +131,7 @@ def test_sync_check_exit_status():
 def test_f_book_page_has_skeletons_and_figures_but_no_solutions(built_book, chapter):
     book = built_book
     page = (book / "chapters" / f"{chapter.slug}.html").read_text()
-    leaked = [
-        line for src in solution_sources(chapter.solutions_module).values() for line in solution_lines(src) if _html(line) in page
-    ]
+    leaked = [line for line in _private_lines(chapter) if _html(line) in page]
     assert not leaked, f"solution lines on the page: {leaked[:3]}"
     assert page.count("NotImplementedError") >= len(chapter.exercises)
     figures = re.findall(r'<img[^>]+src="([^"]+\.png)"', page)
@@ -143,6 +139,14 @@ def test_f_book_page_has_skeletons_and_figures_but_no_solutions(built_book, chap
     for src in figures:
         assert (book / "chapters" / src).resolve().exists(), f"missing figure {src}"
     assert "Traceback" not in page
+
+
+def _private_lines(chapter: Chapter) -> list[str]:
+    """Solution lines that a reader must never see: those not also in the chapter's public cells."""
+    public = "\n".join(cell.source for cell in read(chapter.notebook).cells)
+    return [
+        line for src in solution_sources(chapter.solutions_module).values() for line in solution_lines(src) if line not in public
+    ]
 
 
 def _html(line: str) -> str:
