@@ -15,16 +15,22 @@ Everything a student cell could rebind (numpy and torch functions, ``nn.Multihea
 
 from __future__ import annotations
 
-import ast
-import inspect
 import math
-import textwrap
 
 import numpy as np
 import torch
 
 from autograder.checks import trusted as T
-from autograder.checks.common import CheckFailure, call, expect_close, expect_shape, max_error, passed, show
+from autograder.checks.common import (
+    CheckFailure,
+    call,
+    expect_close,
+    expect_shape,
+    max_error,
+    names_used_in_methods,
+    passed,
+    show,
+)
 
 # References captured at import time (the setup cell imports this module before student code).
 _MHA = torch.nn.MultiheadAttention
@@ -416,20 +422,8 @@ def _shapes(module) -> dict:
 
 
 def _forbidden_names(cls) -> list[str]:
-    """Uses of PyTorch's own multi-head attention in the methods of ``cls`` ([] when the source is unknown)."""
-    found = []
-    for attr, fn in vars(cls).items():
-        if not inspect.isfunction(fn):
-            continue
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
-        except (OSError, TypeError, SyntaxError):
-            continue
-        for node in ast.walk(tree):
-            name = node.id if _isinstance(node, ast.Name) else node.attr if _isinstance(node, ast.Attribute) else None
-            if name in FORBIDDEN:
-                found.append(f"{name} in {attr}")
-    return found
+    """Uses of PyTorch's own layers (FORBIDDEN) in the methods of ``cls``."""
+    return names_used_in_methods(cls, FORBIDDEN)
 
 
 def _build(cls, e: int, h: int, *, dropout: float = 0.0, bias: bool = True, p: dict | None = None, dtype=_t_float32):

@@ -19,16 +19,13 @@ before student code runs.
 
 from __future__ import annotations
 
-import ast
-import inspect
 import math
-import textwrap
 
 import numpy as np
 import torch
 
 from autograder.checks import trusted as T
-from autograder.checks.common import CheckFailure, call, expect_close, max_error, passed, to_float64
+from autograder.checks.common import CheckFailure, call, expect_close, max_error, names_used_in_methods, passed, to_float64
 
 # References captured at import time (the setup cell imports this module before student code).
 _EncoderLayer = torch.nn.TransformerEncoderLayer
@@ -343,20 +340,8 @@ def _shapes(module) -> dict:
 
 
 def _forbidden_names(cls) -> list[str]:
-    """Uses of PyTorch's own Transformer layers in the methods of ``cls`` ([] when the source is unknown)."""
-    found = []
-    for attr, fn in _vars(cls).items():
-        if not inspect.isfunction(fn):
-            continue
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
-        except (OSError, TypeError, SyntaxError):
-            continue
-        for node in ast.walk(tree):
-            name = node.id if _isinstance(node, ast.Name) else node.attr if _isinstance(node, ast.Attribute) else None
-            if name in FORBIDDEN:
-                found.append(f"{name} in {attr}")
-    return found
+    """Uses of PyTorch's own layers (FORBIDDEN) in the methods of ``cls``."""
+    return names_used_in_methods(cls, FORBIDDEN)
 
 
 def _signature(e, h, f, dropout, norm_first, activation) -> str:

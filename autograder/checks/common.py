@@ -138,6 +138,26 @@ def loops_in(fn: Callable) -> list[str]:
     return found
 
 
+_vars = vars  # captured: the checks below must see the class as defined, not a patched ``vars``
+
+
+def names_used_in_methods(cls: type, names: set[str]) -> list[str]:
+    """Uses of any of ``names`` (as a name or an attribute) in the methods of ``cls``; [] when the source is unknown."""
+    found = []
+    for attr, fn in _vars(cls).items():
+        if not inspect.isfunction(fn):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        for node in ast.walk(tree):
+            name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
+            if name in names:
+                found.append(f"{name} in {attr}")
+    return found
+
+
 def passed(name: str, count: int, hidden: bool = False) -> None:
     kind = "hidden" if hidden else "visible"
     print(f"\u2714 {name}: {count} {kind} checks passed")
