@@ -1,0 +1,891 @@
+"""Checks for chapter 9, heads across devices (tensor-parallel multi-head attention).
+
+Oracles, all computed here and never taken from ``solutions/``:
+
+* ``shard_heads``: the expected shard is built with NumPy index arrays, head by head (query
+  rows of head j are j*D .. (j+1)*D - 1, key rows E + ..., value rows 2E + ...), and compared
+  exactly (slicing does not round).
+* ``TensorParallelMultiHeadAttention``: multi-head attention written out in float64 NumPy with
+  the full weights; ``tests/test_ch09.py`` proves it equals ``nn.MultiheadAttention``. The layer
+  runs on 1, 2 and 4 real ranks: processes forked from the grading kernel (so a class defined
+  in a notebook cell is inherited, nothing is imported), joined in a gloo process group over a
+  ``FileStore`` in a fresh temporary folder and the loopback interface. Each rank loads the
+  shard that the check cuts itself (not the student's ``shard_heads``), runs the forward, and
+  writes its output to a file; the kernel waits with a hard deadline and kills stragglers, so a
+  deadlock (an all-reduce on only some ranks) becomes a message, not a stuck grader. The
+  children's stdout and stderr go to files, never to the notebook.
+  Where no loopback network exists, the ranks run as threads of the kernel whose
+  ``torch.distributed.all_reduce`` is a barrier-based sum (restored afterwards); the message of
+  a failure says which of the two ran.
+
+Wrong answers are compared with the outputs of known mistakes to name them. Everything a
+student cell could rebind is captured when this module is imported, which the chapter's setup
+cell does before any student code runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import io
+import math
+import os
+import pickle
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from autograder.checks import trusted as T
+from autograder.checks.common import CheckFailure, call, diagnose, max_error, passed, show
+
+# ---------------------------------------------------------------------------------------------
+# References captured at import time (a student cell may rebind torch, numpy or os attributes).
+_TB = torch._C.TensorBase
+_dtype_of = _TB.__dict__["dtype"].__get__
+_clone = _TB.clone
+_t_equal = torch.equal
+_from_numpy = torch.from_numpy
+_no_grad = torch.no_grad
+_set_num_threads = torch.set_num_threads
+_Module = torch.nn.Module
+_MHA = torch.nn.MultiheadAttention
+_module_to = torch.nn.Module.to
+_module_eval = torch.nn.Module.eval
+_module_state_dict = torch.nn.Module.state_dict
+_module_load_state_dict = torch.nn.Module.load_state_dict
+_named_parameters = torch.nn.Module.named_parameters
+_fork_rng = torch.random.fork_rng
+_all_reduce = dist.all_reduce
+_init_pg = dist.init_process_group
+_is_initialized = dist.is_initialized
+_FileStore = dist.FileStore
+_ReduceOp = dist.ReduceOp
+F32, F64, BOOL = torch.float32, torch.float64, torch.bool
+
+_rng = np.random.default_rng
+_np_exp = np.exp
+_np_where = np.where
+_np_arange = np.arange
+_np_concat = np.concatenate
+_np_ones = np.ones
+_np_zeros = np.zeros
+_np_array_equal = np.array_equal
+_np_bool = np.bool_
+_f32 = np.float32
+_f64 = np.float64
+_inf = math.inf
+_sqrt = math.sqrt
+_fork = getattr(os, "fork", None)
+_waitpid = os.waitpid
+_kill = os.kill
+_os_exit = os._exit
+_os_open = os.open
+_dup2 = os.dup2
+_rename = os.rename
+_path_join = os.path.join
+_path_exists = os.path.exists
+_environ = os.environ
+_mkdtemp = tempfile.mkdtemp
+_rmtree = shutil.rmtree
+_pickle_dump = pickle.dump
+_pickle_load = pickle.load
+_open = open
+_monotonic = time.monotonic
+_sleep = time.sleep
+_Thread = threading.Thread
+_Barrier = threading.Barrier
+_local = threading.local
+_BrokenBarrier = threading.BrokenBarrierError
+_timedelta = datetime.timedelta
+_int = int
+_float = float
+_bool = bool
+_str = str
+_dict = dict
+_list = list
+_range = range
+_enumerate = enumerate
+_isinstance = isinstance
+_getattr = getattr
+_setattr = setattr
+_sorted = sorted
+_repr = repr
+
+COLLECTIVE_TIMEOUT_S = 6.0  # gloo gives up on a collective after this long
+DEADLINE_S = 12.0  # the kernel kills every rank still running after this long
+GRACE_S = 0.5  # after one rank fails, the others get this long before they are killed
+
+DEADLOCK = (
+    "deadlock: a collective waits until every rank of the group calls it. Call dist.all_reduce on every rank, "
+    "the same number of times and in the same order (not under `if self.rank == 0:`)."
+)
+
+
+def _dname(dtype) -> str:
+    return _str(dtype).replace("torch.", "")
+
+
+def _tensor(a: np.ndarray, dtype) -> torch.Tensor:
+    return T._to(_from_numpy(T.np_array(a, copy=True)), dtype=dtype)
+
+
+def _rounded(a: np.ndarray, dtype) -> np.ndarray:
+    return T.tensor_to_float64(_tensor(a, dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights and the head-by-head slicing
+# ---------------------------------------------------------------------------------------------
+
+
+def _params(rng, e: int, bias: bool, dtype=F32) -> dict:
+    """Random weights of a multi-head layer (rounded to ``dtype``), as float64 NumPy arrays."""
+    s = 1 / _sqrt(e)
+    p = {"in_proj_weight": rng.normal(size=(3 * e, e), scale=s), "out_proj.weight": rng.normal(size=(e, e), scale=s)}
+    if bias:
+        p["in_proj_bias"] = rng.normal(size=3 * e, scale=0.5)
+        p["out_proj.bias"] = rng.normal(size=e, scale=0.5)
+    return {k: _rounded(v, dtype) for k, v in p.items()}
+
+
+def _features(heads, d: int) -> np.ndarray:
+    """The feature (row) indices of the given heads within one E x E block."""
+    return _np_concat([_np_arange(j * d, (j + 1) * d) for j in heads]).astype(_int)
+
+
+def _rank_heads(r: int, p: int, h: int, variant: str = "") -> list[int]:
+    per = h // p
+    if variant == "round_robin":
+        return [r + i * p for i in _range(per)]
+    if variant == "reversed_ranks":
+        r = p - 1 - r
+    return _list(_range(r * per, (r + 1) * per))
+
+
+def _shard(params: dict, r: int, p: int, h: int, variant: str = "") -> dict:
+    """The shard of rank r (NumPy), or what a known mistake produces."""
+    w = params["in_proj_weight"]
+    e = w.shape[1]
+    d = e // h
+    cols = _features(_rank_heads(r, p, h, variant), d)
+    rows = _np_concat([cols, e + cols, 2 * e + cols])
+    n = T._len(cols)
+    if variant == "contiguous":
+        rows = _np_arange(r * 3 * n, (r + 1) * 3 * n)
+    elif variant == "interleaved":  # [q, k, v] of the first head, then of the second, ...
+        rows = _np_concat([_np_concat([c, e + c, 2 * e + c]) for c in (cols[i * d : (i + 1) * d] for i in _range(n // d))])
+    elif variant == "kv_local_offset":  # K and V rows offset by the shard width instead of E
+        rows = _np_concat([cols, n + cols, 2 * n + cols])
+    out = {"in_proj_weight": w[rows]}
+    if "in_proj_bias" in params:
+        b = params["in_proj_bias"]
+        if variant == "bias_unsliced":
+            out["in_proj_bias"] = b
+        elif variant == "bias_contiguous":
+            out["in_proj_bias"] = b[r * 3 * n : (r + 1) * 3 * n]
+        else:
+            out["in_proj_bias"] = b[rows]
+    wo = params["out_proj.weight"]
+    out["out_proj.weight"] = wo[cols, :] if variant == "out_rows" else wo[:, cols]
+    if variant == "out_transposed":
+        out["out_proj.weight"] = wo[cols, :].T
+    if "out_proj.bias" in params:
+        bo = params["out_proj.bias"]
+        out["out_proj.bias"] = {"bias_divided": bo / p, "bias_rank0": bo if r == 0 else 0 * bo}.get(variant, bo)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# shard_heads
+# ---------------------------------------------------------------------------------------------
+
+SHARD_MISTAKES = {
+    "contiguous": (
+        "sliced one contiguous block of the packed in_proj_weight (rows r*3E/p .. (r+1)*3E/p - 1). Those rows mix "
+        "heads of Q, K and V that belong to other ranks: slice per head within each of Q, K and V "
+        "(w_q, w_k, w_v = w.chunk(3); take the same rows of each; concatenate)."
+    ),
+    "interleaved": (
+        "interleaved Q, K and V head by head ([q, k, v] of the first head, then of the second). Keep the packed "
+        "layout of the full layer: all the rank's Q rows, then its K rows, then its V rows."
+    ),
+    "kv_local_offset": (
+        "took the K and V rows at an offset of the shard width instead of E: in the full in_proj_weight W_k starts "
+        "at row E and W_v at row 2E."
+    ),
+    "round_robin": (
+        "assigned heads round-robin (rank r gets heads r, r+p, r+2p, ...). That is a valid split too, but the "
+        "convention here is Megatron's contiguous block: rank r holds heads r*H/p .. (r+1)*H/p - 1."
+    ),
+    "reversed_ranks": "gave rank r the heads of rank p-1-r: the wrong head order across ranks. Rank 0 holds the first heads.",
+    "out_rows": (
+        "sliced rows of out_proj.weight instead of columns. The output projection maps the concatenated heads "
+        "(its input features, the columns of the (E, E) weight) to E outputs: take out_proj.weight[:, cols]."
+    ),
+    "out_transposed": "returned out_proj.weight's rows, transposed: take the columns out_proj.weight[:, cols] directly.",
+    "bias_unsliced": "left in_proj_bias whole: slice it with the same indices as the rows of in_proj_weight.",
+    "bias_contiguous": (
+        "sliced in_proj_bias as one contiguous block instead of per head within each of Q, K and V (the same "
+        "indices as the weight rows)."
+    ),
+    "bias_divided": (
+        "divided the output bias by world_size. In this chapter's convention every shard holds the whole "
+        "out_proj.bias and the layer adds it once, after the all-reduce."
+    ),
+    "bias_rank0": (
+        "kept the output bias on rank 0 only. In this chapter's convention every shard holds the whole "
+        "out_proj.bias (so every rank can add it once, after the all-reduce)."
+    ),
+}
+
+
+def _state_dict(params: dict, dtype, e: int, h: int, real_module: bool) -> dict:
+    """The state dict handed to the student: a real ``nn.MultiheadAttention``'s, or a plain dict."""
+    tensors = {k: _tensor(v, dtype) for k, v in params.items()}
+    if not real_module:
+        return tensors
+    with _fork_rng(devices=[]):
+        module = _MHA(e, h, bias="in_proj_bias" in params, batch_first=True)
+    _module_to(module, dtype=dtype)
+    _module_load_state_dict(module, tensors)
+    return _module_state_dict(module)
+
+
+def _check_shard_case(fn, rng, e: int, h: int, p: int, *, bias=True, dtype=F32, real_module=True, note="") -> int:
+    params = _params(rng, e, bias, dtype)
+    count = 0
+    for r in _range(p - 1, -1, -1):  # the last rank first: on rank 0 several mistakes cut the same rows
+        sd = _state_dict(params, dtype, e, h, real_module)
+        before = {k: _clone(v) for k, v in sd.items()}
+        label = f"shard_heads(state_dict of a ({e}, {h}) layer{'' if bias else ' without bias'}, rank={r}, world_size={p}, num_heads={h}) [{_dname(dtype)}{note}]"
+        result = call(fn, sd, r, p, h, label=label)
+        for k, v in before.items():
+            if not _t_equal(sd[k], v):
+                raise CheckFailure(f"{label}: changed state_dict[{k!r}] in place; return new tensors instead.")
+        _compare_shard(result, params, r, p, h, dtype, label)
+        count += 1
+    return count
+
+
+def _compare_shard(result, params: dict, r: int, p: int, h: int, dtype, label: str) -> None:
+    want = _shard(params, r, p, h)
+    if not _isinstance(result, _dict):
+        raise CheckFailure(f"{label}: should return a dict of tensors, got {T.type_name(result)}.")
+    keys = _sorted(_str(k) for k in result.keys())
+    if keys != _sorted(want):
+        extra = ""
+        if "out_proj.bias" in want and "out_proj.bias" not in keys:
+            extra = (
+                "\n  Likely mistake: the shard needs the whole out_proj.bias too (the layer adds it once, after the all-reduce)."
+            )
+        raise CheckFailure(f"{label}: the shard should have exactly the keys {_sorted(want)}, got {keys}.{extra}")
+    got = {}
+    for k in want:
+        v = result[k]
+        if not T.is_tensor(v):
+            raise CheckFailure(f"{label}: shard[{k!r}] should be a torch.Tensor, got {T.type_name(v)}.")
+        if _dtype_of(v) != dtype:
+            raise CheckFailure(f"{label}: shard[{k!r}] should keep the dtype {_dname(dtype)}, got {_dname(_dtype_of(v))}.")
+        got[k] = T.tensor_to_float64(v)
+    bad = [k for k in want if T._tuple(got[k].shape) != T._tuple(want[k].shape) or not _np_array_equal(got[k], want[k])]
+    if not bad:
+        return
+    mistake = None
+    for variant, text in SHARD_MISTAKES.items():
+        try:
+            cand = _shard(params, r, p, h, variant)
+        except Exception:  # noqa: BLE001  (a variant that does not apply here)
+            continue
+        if all(T._tuple(got[k].shape) == T._tuple(cand[k].shape) and _np_array_equal(got[k], cand[k]) for k in bad):
+            if all(T._tuple(got[k].shape) == T._tuple(cand[k].shape) and _np_array_equal(got[k], cand[k]) for k in want):
+                mistake = text
+                break
+    k = bad[0]
+    lines = []
+    if T._tuple(got[k].shape) != T._tuple(want[k].shape):
+        lines.append(f"{label}: shard[{k!r}] should have shape {T._tuple(want[k].shape)}, got {T._tuple(got[k].shape)}.")
+    else:
+        lines.append(f"{label}: shard[{k!r}] holds the wrong numbers (largest difference {max_error(got[k], want[k]):.3g}).")
+        lines += [f"  expected: {show(want[k])}", f"  got:      {show(got[k])}"]
+    if T._len(bad) > 1:
+        lines.append(f"  Also wrong: {', '.join(bad[1:])}.")
+    if mistake:
+        lines.append(f"  Likely mistake: {mistake}")
+    else:
+        lines.append(
+            f"  Rank {r} of {p} holds heads {_rank_heads(r, p, h)[0]} .. {_rank_heads(r, p, h)[-1]}: their rows in each of "
+            "W_q, W_k, W_v (stacked in that order), the same entries of in_proj_bias, the matching columns of "
+            "out_proj.weight, and the whole out_proj.bias."
+        )
+    raise CheckFailure("\n".join(lines))
+
+
+def _expect_value_error(fn_or_cls, args: tuple, label: str, why: str, kwargs: dict | None = None) -> None:
+    try:
+        with _fork_rng(devices=[]):
+            fn_or_cls(*args, **(kwargs or {}))
+    except ValueError:
+        return
+    except NotImplementedError:
+        raise CheckFailure(f"{label}: not implemented yet (the cell still raises NotImplementedError).") from None
+    except Exception as exc:  # noqa: BLE001
+        raise CheckFailure(f"{label}: should raise ValueError ({why}); it raised {T.type_name(exc)}: {exc}.") from None
+    raise CheckFailure(f"{label}: should raise ValueError ({why}); it returned without an error.")
+
+
+def visible_shard_heads(fn) -> None:
+    """Two and four ranks, with and without bias; the ValueError for heads that do not split evenly."""
+    rng = _rng(90)
+    count = _check_shard_case(fn, rng, 8, 4, 2)
+    count += _check_shard_case(fn, rng, 8, 4, 4, bias=False)
+    sd = _state_dict(_params(rng, 12, True), F32, 12, 6, True)
+    _expect_value_error(
+        fn, (sd, 0, 4, 6), "shard_heads(state_dict, rank=0, world_size=4, num_heads=6)", "6 heads do not split over 4 ranks"
+    )
+    passed("shard_heads", count + 1)
+
+
+def hidden_shard_heads(fn, seed: int = 91) -> None:
+    """One rank, eight ranks, float64, plain dicts, wide heads, more ValueErrors."""
+    rng = _rng(seed)
+    count = _check_shard_case(fn, rng, 12, 6, 3, dtype=F64, real_module=False, note=", a plain dict")
+    count += _check_shard_case(fn, rng, 16, 8, 8, note=", one head per rank")
+    count += _check_shard_case(fn, rng, 8, 2, 1, note=", one rank holds everything")
+    count += _check_shard_case(fn, rng, 24, 4, 2, dtype=F64, bias=False, note=", head_dim 6")
+    count += _check_shard_case(fn, rng, 32, 8, 2, note=", four heads per rank")
+    sd = _state_dict(_params(rng, 16, True), F32, 16, 8, True)
+    _expect_value_error(
+        fn, (sd, 1, 3, 8), "shard_heads(state_dict, rank=1, world_size=3, num_heads=8)", "8 heads do not split over 3 ranks"
+    )
+    passed("shard_heads", count + 1, hidden=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The float64 oracle of the whole layer, and the outputs of known mistakes
+# ---------------------------------------------------------------------------------------------
+
+
+def _softmax_rows(scores: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis with disallowed entries removed; a row with nothing allowed gives zeros."""
+    with T.np_errstate(all="ignore"):
+        s = _np_where(allowed, scores, -_inf)
+        top = s.max(axis=-1, keepdims=True)
+        top = _np_where(T.np_isfinite(top), top, 0.0)
+        ex = _np_where(allowed, _np_exp(s - top), 0.0)
+        total = ex.sum(axis=-1, keepdims=True)
+        return _np_where(total > 0, ex / _np_where(total > 0, total, 1.0), 0.0)
+
+
+def _additive(mask, length_shape) -> np.ndarray:
+    """(additive float mask, allowed bool) of a student-convention mask: bool True = not allowed."""
+    if mask.dtype == _np_bool:
+        return _np_zeros(mask.shape), ~mask
+    return mask, T.np_isfinite(mask) | (mask > 0)
+
+
+def _heads_out(params: dict, case: dict, heads_idx: list[int], h: int, variant: str = "") -> np.ndarray:
+    """Attention outputs (B, L, len(heads_idx)*D) of the given heads, written out in float64."""
+    q_in, k_in, v_in = case["query"], case["key"], case["value"]
+    e = q_in.shape[-1]
+    d = e // h
+    w = params["in_proj_weight"]
+    b = params.get("in_proj_bias")
+    cols = _features(heads_idx, d)
+    n_heads = T._len(heads_idx)
+    if variant == "all_heads_local":  # the rank's features split into all h heads
+        d, n_heads = T._len(cols) // h, h
+
+    def proj(x, offset):
+        out = x @ w[offset + cols].T
+        return out if b is None else out + b[offset + cols]
+
+    def split(a):
+        bsz, t, _ = a.shape
+        if variant == "split_view":
+            return a.reshape(bsz, n_heads, t, d)
+        return a.reshape(bsz, t, n_heads, d).transpose(0, 2, 1, 3)
+
+    q, k, v = split(proj(q_in, 0)), split(proj(k_in, e)), split(proj(v_in, 2 * e))
+    scale = {"scale_local_width": 1 / _sqrt(T._len(cols)), "scale_embed": 1 / _sqrt(e), "no_scale": 1.0}.get(
+        variant, 1 / _sqrt(d)
+    )
+    scores = (q @ k.transpose(0, 1, 3, 2)) * scale
+    bsz, _, lq, ls = scores.shape
+    allowed = _np_ones((bsz, 1, lq, ls), dtype=_np_bool)
+    if case.get("attn_mask") is not None and variant != "attn_mask_ignored":
+        add, ok = _additive(case["attn_mask"], None)
+        if variant == "inverted_masks" and case["attn_mask"].dtype == _np_bool:
+            ok = ~ok
+        scores = scores + add
+        allowed = allowed & ok
+    elif case.get("is_causal") and variant != "causal_ignored":
+        i, j = _np_arange(lq)[:, None], _np_arange(ls)[None, :]
+        allowed = allowed & (j <= i)
+    if case.get("key_padding_mask") is not None and variant != "padding_ignored":
+        add, ok = _additive(case["key_padding_mask"], None)
+        if variant == "inverted_masks" and case["key_padding_mask"].dtype == _np_bool:
+            ok = ~ok
+        scores = scores + add[:, None, None, :]
+        allowed = allowed & ok[:, None, None, :]
+    weights = _softmax_rows(scores, allowed)
+    out = weights @ v
+    if variant == "merge_view":
+        return out.reshape(bsz, lq, n_heads * d)
+    return out.transpose(0, 2, 1, 3).reshape(bsz, lq, n_heads * d)
+
+
+def _partial(params: dict, case: dict, r: int, p: int, h: int, variant: str = "") -> np.ndarray:
+    """Rank r's share of the output: its heads through its columns of the output projection (no bias)."""
+    heads_idx = _rank_heads(r, p, h)
+    cols = _features(heads_idx, case["query"].shape[-1] // h)
+    return _heads_out(params, case, heads_idx, h, variant) @ params["out_proj.weight"][:, cols].T
+
+
+def _bias(params: dict) -> np.ndarray:
+    return params.get("out_proj.bias", _f64(0.0))
+
+
+def _oracle(params: dict, case: dict, h: int, variant: str = "") -> np.ndarray:
+    """The full layer's output (B, L, E) in float64, or that of a mistake made in every head."""
+    return _heads_out(params, case, _list(_range(h)), h, variant) @ params["out_proj.weight"].T + _bias(params)
+
+
+LAYER_MISTAKES = {
+    "bias_every_rank": (
+        "added the output bias on every rank before the all-reduce, so the sum holds it world_size times. Add the "
+        "bias once: after the all-reduce (or on rank 0 only)."
+    ),
+    "no_all_reduce": (
+        "no all-reduce: each rank returned only its own heads' share of the output. Sum the partial outputs over the "
+        "ranks with dist.all_reduce(partial, op=dist.ReduceOp.SUM, group=self.group) before adding the bias."
+    ),
+    "averaged": (
+        "averaged the partial outputs (all-reduce, then divide by world_size) as data parallelism does with "
+        "gradients. Each rank holds different heads: the full output is their sum, not their mean."
+    ),
+    "no_bias": "forgot the output projection's bias: add out_proj.bias once, after the all-reduce.",
+    "scale_local_width": (
+        "scaled the scores by 1/sqrt(E/p), the width of the rank's slice. The scale is per head: 1/sqrt(head_dim), "
+        "the same as on one device."
+    ),
+    "scale_embed": "scaled the scores by 1/sqrt(embed_dim); the scale is 1/sqrt(head_dim) with head_dim = E // num_heads.",
+    "all_heads_local": (
+        "split the rank's features into all num_heads heads. A rank holds only num_heads // world_size heads, each "
+        "of the full head_dim = E // num_heads."
+    ),
+    "split_view": "split heads with view/reshape to (B, h, T, D) directly: reshape to (B, T, h, D), then transpose(1, 2).",
+    "merge_view": "merged heads with reshape without transpose: transpose(1, 2) back to (B, L, h, D) before reshaping.",
+    "inverted_masks": "inverted a bool mask: True means *not allowed*, as in nn.MultiheadAttention and chapter 4.",
+    "padding_ignored": "ignored key_padding_mask.",
+    "attn_mask_ignored": "ignored attn_mask.",
+    "causal_ignored": "ignored is_causal: with is_causal=True and no attn_mask, query i sees only keys j <= i.",
+    "no_scale": "did not scale the scores by 1/sqrt(head_dim).",
+}
+
+
+def _layer_fingerprints(params: dict, case: dict, r: int, p: int, h: int) -> dict:
+    full = lambda: _oracle(params, case, h)  # noqa: E731
+    total = lambda: sum(_partial(params, case, q, p, h) for q in _range(p))  # noqa: E731
+    prints = {
+        LAYER_MISTAKES["bias_every_rank"]: lambda: total() + p * _bias(params),
+        LAYER_MISTAKES["no_all_reduce"]: lambda: _partial(params, case, r, p, h) + _bias(params),
+        LAYER_MISTAKES["no_all_reduce"] + " ": lambda: _partial(params, case, r, p, h),
+        LAYER_MISTAKES["averaged"]: lambda: total() / p + _bias(params),
+        LAYER_MISTAKES["no_bias"]: lambda: full() - _bias(params),
+    }
+    for v in ("scale_local_width", "scale_embed", "all_heads_local", "split_view", "merge_view", "no_scale"):
+        prints[LAYER_MISTAKES[v]] = lambda v=v: sum(_partial(params, case, q, p, h, v) for q in _range(p)) + _bias(params)
+    for v in ("inverted_masks", "padding_ignored", "attn_mask_ignored", "causal_ignored"):
+        prints[LAYER_MISTAKES[v]] = lambda v=v: _oracle(params, case, h, v)
+    return prints
+
+
+# ---------------------------------------------------------------------------------------------
+# Running one function on several ranks
+# ---------------------------------------------------------------------------------------------
+
+
+def _rank_body(cls, jobs: list, r: int, p: int) -> list:
+    """What rank r runs: every job's layer on rank r. Returns one (ok, array-or-message) per job; stops at a failure."""
+    out = []
+    for job in jobs:
+        try:
+            out.append((True, _run_layer_on_rank(cls, job, r, p)))
+        except CheckFailure as exc:
+            out.append((False, _str(exc)))
+            break
+    return out
+
+
+def _run_layer_on_rank(cls, job: dict, r: int, p: int) -> np.ndarray:
+    e, h, bias, dtype = job["e"], job["h"], job["bias"], job["dtype"]
+    label = job["ctor"].format(r=r)
+    with _fork_rng(devices=[]):
+        if bias is None:
+            layer = call(cls, e, h, r, p, label=label)
+        else:
+            layer = call(cls, e, h, r, p, bias=bias, label=label)
+    if not _isinstance(layer, _Module):
+        raise CheckFailure(f"{label}: should build an nn.Module (class ...(nn.Module)), got {T.type_name(layer)}.")
+    n = e // p
+    want = {"in_proj_weight": (3 * n, e), "out_proj.weight": (e, n)}
+    if bias is not False:
+        want.update({"in_proj_bias": (3 * n,), "out_proj.bias": (e,)})
+    got = {k: T._tuple(v.shape) for k, v in _named_parameters(layer)}
+    if got != want:
+        hint = ""
+        if got.get("in_proj_weight") == (3 * e, e):
+            hint = "\n  Likely mistake: the layer holds the full (3E, E) projection; a rank holds only its 3E/p rows."
+        elif got.get("out_proj.weight") == (n, e):
+            hint = "\n  Likely mistake: out_proj holds rows; a rank holds columns: nn.Linear(E // world_size, E)."
+        elif bias is None and "in_proj_bias" not in got:
+            hint = "\n  Likely mistake: bias should default to True, as in nn.MultiheadAttention."
+        raise CheckFailure(
+            f"{label}: the parameters should be exactly {want} (name: shape); got {got}. Name them as nn.MultiheadAttention "
+            f"does so that load_state_dict(shard_heads(...)) works.{hint}"
+        )
+    shard = {k: _tensor(v, dtype) for k, v in job["shards"][r].items()}
+    try:
+        _module_to(layer, dtype=dtype)
+        _module_load_state_dict(layer, shard)
+        _module_eval(layer)
+    except Exception as exc:  # noqa: BLE001
+        raise CheckFailure(f"{label}: load_state_dict(shard) failed: {exc}") from None
+    args = [_tensor(job["inputs"][0], dtype)]
+    kwargs = {}
+    for name, value in job["kwargs"].items():
+        kwargs[name] = (
+            value
+            if not _isinstance(value, np.ndarray)
+            else (_tensor(value, BOOL) if value.dtype == _np_bool else _tensor(value, dtype))
+        )
+    for extra in job["inputs"][1:]:
+        args.append(_tensor(extra, dtype))
+    before = [_clone(a) for a in args]
+    call_label = f"{label}{job['call']} on rank {r} of {p}"
+    with _no_grad():
+        result = call(layer, *args, label=call_label, **kwargs)
+    if not T.is_tensor(result):
+        hint = " (return only the output tensor, not a tuple with weights)" if T._type(result) in (tuple, list) else ""
+        raise CheckFailure(f"{call_label}: should return a torch.Tensor{hint}, got {T.type_name(result)}.")
+    if _dtype_of(result) != dtype:
+        raise CheckFailure(
+            f"{call_label}: the output should keep the input's dtype {_dname(dtype)}, got {_dname(_dtype_of(result))}."
+        )
+    for a, b in zip(args, before, strict=True):
+        if not _t_equal(a, b):
+            raise CheckFailure(f"{call_label}: the layer changed its input in place.")
+    return T.tensor_to_float64(result)
+
+
+def _child(r: int, p: int, tmp: str, body) -> None:
+    """Rank r in a forked process: silence its output, join the gloo group, run ``body``, write the result."""
+    status = {"rank": r}
+    try:
+        fd = _os_open(_path_join(tmp, f"out{r}.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        _dup2(fd, 1)
+        _dup2(fd, 2)
+        sys.stdout = sys.stderr = io.StringIO()
+        _set_num_threads(1)
+        _environ["GLOO_SOCKET_IFNAME"] = "lo"
+        dist.all_reduce = _all_reduce  # a notebook cannot swap the collective under the checks
+        try:
+            store = _FileStore(_path_join(tmp, "store"), p)
+            _init_pg("gloo", store=store, rank=r, world_size=p, timeout=_timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+        except Exception as exc:  # noqa: BLE001
+            status["setup_error"] = f"{T.type_name(exc)}: {exc}"
+        else:
+            status["results"] = body(r)
+    except BaseException as exc:  # noqa: BLE001  (anything: report it, never return into the kernel's code)
+        status["crash"] = f"{T.type_name(exc)}: {exc}"
+    try:
+        with _open(_path_join(tmp, f"r{r}.tmp"), "wb") as f:
+            _pickle_dump(status, f)
+        _rename(_path_join(tmp, f"r{r}.tmp"), _path_join(tmp, f"r{r}.pkl"))
+    finally:
+        _os_exit(0)
+
+
+def _run_forked(p: int, body) -> list[dict] | None:
+    """Run body(rank) on p forked processes joined by gloo; None when gloo cannot start here (no loopback)."""
+    if _is_initialized():
+        raise CheckFailure(
+            "this kernel already has a default process group (dist.init_process_group ran in the notebook's own "
+            "process). The checks start their own ranks: restart the kernel and run the cells again without calling "
+            "init_process_group outside a worker function."
+        )
+    tmp = _mkdtemp(prefix="ch09-ranks-")
+    pids = []
+    try:
+        with T.np_errstate(all="ignore"):
+            for r in _range(p):
+                sys.stdout.flush()
+                sys.stderr.flush()
+                pid = _fork()
+                if pid == 0:
+                    _child(r, p, tmp, body)
+                pids.append(pid)
+        start = _monotonic()
+        alive = dict(_enumerate(pids))
+        first_done = None
+        while alive and _monotonic() - start < DEADLINE_S:
+            for r, pid in _list(alive.items()):
+                if _waitpid(pid, os.WNOHANG)[0] != 0:
+                    del alive[r]
+                    if first_done is None and _path_exists(_path_join(tmp, f"r{r}.pkl")):
+                        with _open(_path_join(tmp, f"r{r}.pkl"), "rb") as f:
+                            st = _pickle_load(f)
+                        if "setup_error" in st or "crash" in st or (st.get("results") and not st["results"][-1][0]):
+                            first_done = _monotonic()
+            if first_done is not None and _monotonic() - first_done > GRACE_S:
+                break
+            _sleep(0.005)
+        timed_out = _sorted(alive)
+        for pid in alive.values():
+            with contextlib.suppress(OSError):
+                _kill(pid, signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                _waitpid(pid, 0)
+        pids = []
+        statuses = []
+        for r in _range(p):
+            path = _path_join(tmp, f"r{r}.pkl")
+            if _path_exists(path):
+                with _open(path, "rb") as f:
+                    statuses.append(_pickle_load(f))
+            else:
+                statuses.append({"rank": r, "timeout": r in timed_out})
+        if all("setup_error" in s for s in statuses):
+            return None
+        return statuses
+    finally:
+        for pid in pids:  # only if something above failed half-way
+            with contextlib.suppress(OSError):
+                _kill(pid, signal.SIGKILL)
+                _waitpid(pid, 0)
+        _rmtree(tmp, ignore_errors=True)
+
+
+_thread_rank = _local()
+
+
+def _run_threads(p: int, body) -> list[dict]:
+    """Fallback without loopback networking: p threads, dist.all_reduce replaced by a barrier-based sum."""
+    barrier = _Barrier(p, timeout=COLLECTIVE_TIMEOUT_S)
+    slots: list = [None] * p
+
+    def fake_all_reduce(tensor, op=_ReduceOp.SUM, group=None, async_op=False):
+        r = _thread_rank.r
+        slots[r] = _clone(tensor)
+        barrier.wait()
+        total = slots[0]
+        for other in slots[1:]:
+            total = total + other
+        barrier.wait()
+        tensor.copy_(total)
+        return None
+
+    statuses: list = [{"rank": r, "timeout": True} for r in _range(p)]
+
+    def run(r):
+        _thread_rank.r = r
+        try:
+            statuses[r] = {"rank": r, "results": body(r)}
+        except _BrokenBarrier:
+            statuses[r] = {"rank": r, "timeout": True}
+        except BaseException as exc:  # noqa: BLE001
+            statuses[r] = {"rank": r, "crash": f"{T.type_name(exc)}: {exc}"}
+        if "results" in statuses[r] and statuses[r]["results"] and not statuses[r]["results"][-1][0]:
+            barrier.abort()
+
+    saved = (dist.all_reduce, dist.get_rank, dist.get_world_size)
+    dist.all_reduce = fake_all_reduce
+    dist.get_rank = lambda group=None: _thread_rank.r
+    dist.get_world_size = lambda group=None: p
+    try:
+        threads = [_Thread(target=run, args=(r,), daemon=True) for r in _range(p)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(DEADLINE_S)
+    finally:
+        dist.all_reduce, dist.get_rank, dist.get_world_size = saved
+    return statuses
+
+
+def _run_ranks(p: int, body) -> tuple[list[dict], str]:
+    if _fork is not None:
+        statuses = _run_forked(p, body)
+        if statuses is not None:
+            return statuses, f"{p} gloo processes"
+    return _run_threads(p, body), f"{p} simulated ranks (threads; no loopback network here)"
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorParallelMultiHeadAttention
+# ---------------------------------------------------------------------------------------------
+
+
+def _case(rng, e, h, p, b, lq, *, ls=None, bias=True, dtype=F32, cross=False, mode="self", masks=(), causal=False, scale=1.0):
+    """A job: weights, shards, inputs, the call and its float64 expectation."""
+    params = _params(rng, e, bias is not False, dtype)
+    ls = lq if ls is None else ls
+    query = _rounded(rng.normal(size=(b, lq, e), scale=scale), dtype)
+    key = _rounded(rng.normal(size=(b, ls, e), scale=scale), dtype) if cross else query
+    value = _rounded(rng.normal(size=(b, ls, e), scale=scale), dtype) if cross and mode != "query_key" else key
+    inputs, call_text = [query], "(x"
+    if mode == "cross":
+        inputs += [key, value]
+        call_text = "(query, key, value"
+    elif mode == "query_key":
+        inputs += [key]
+        call_text = "(query, key"
+    kwargs: dict = {}
+    case = {"query": query, "key": key, "value": value, "is_causal": causal}
+    if "padding" in masks:
+        lengths = rng.integers(1, ls + 1, size=b)
+        lengths[0] = ls
+        pad = _np_arange(ls)[None, :] >= lengths[:, None]
+        kwargs["key_padding_mask"] = pad
+        case["key_padding_mask"] = pad
+        call_text += ", key_padding_mask=<bool (B, S), True at padding>"
+    if "bool_attn" in masks:
+        am = rng.random((lq, ls)) < 0.3
+        am[:, 0] = False
+        kwargs["attn_mask"] = am
+        case["attn_mask"] = am
+        call_text += ", attn_mask=<bool (L, S), True = not allowed>"
+    if "float_attn" in masks:
+        am = _rounded(rng.normal(size=(lq, ls)), dtype)
+        kwargs["attn_mask"] = am
+        case["attn_mask"] = am
+        call_text += ", attn_mask=<float (L, S), added to the scores>"
+    if causal:
+        kwargs["is_causal"] = True
+        call_text += ", is_causal=True"
+    call_text += ")"
+    shards = [{k: v for k, v in _shard(params, r, p, h).items()} for r in _range(p)]
+    ctor = (
+        f"TensorParallelMultiHeadAttention({e}, {h}, rank={{r}}, world_size={p}"
+        + ("" if bias is None else f", bias={bias}")
+        + ")"
+    )
+    inputs_desc = f"x of shape {(b, lq, e)}" if mode == "self" else f"query {(b, lq, e)}, key/value {(b, ls, e)}"
+    return {
+        "e": e, "h": h, "bias": bias, "dtype": dtype, "shards": shards, "inputs": inputs, "kwargs": kwargs,
+        "call": call_text, "ctor": ctor, "params": params, "case": case, "desc": f"{inputs_desc}, {_dname(dtype)}",
+    }  # fmt: skip
+
+
+def _judge(jobs: list[dict], statuses: list[dict], p: int, how: str) -> int:
+    """Compare every rank's outputs with the oracle; raise the first failure with a diagnosis."""
+    for s in statuses:  # a rank's own error first: the others may only be waiting for it
+        if "crash" in s or "setup_error" in s:
+            raise CheckFailure(
+                f"TensorParallelMultiHeadAttention on {how}: rank {s['rank']} failed: {s.get('crash') or s.get('setup_error')}"
+            )
+        for ok, value in s.get("results", []):
+            if not ok:
+                if "timed out" in value.lower() or "connection closed" in value.lower():
+                    value += f"\n  Likely mistake: {DEADLOCK}"
+                raise CheckFailure(f"[{how}] {value}")
+    for s in statuses:
+        if s.get("timeout"):
+            others = ", ".join(f"rank {t['rank']} {'finished' if 'results' in t else 'stuck'}" for t in statuses if t is not s)
+            raise CheckFailure(
+                f"TensorParallelMultiHeadAttention on {how}: rank {s['rank']} did not finish within {DEADLINE_S:.0f} s "
+                f"({others or 'no other ranks'}).\n  Likely mistake: {DEADLOCK}"
+            )
+    count = 0
+    for i, job in enumerate(jobs):
+        label = f"{job['ctor']}{job['call']} with {job['desc']} [{how}]"
+        expected = _oracle(job["params"], job["case"], job["h"])
+        if job["dtype"] == F64:
+            atol = 1e-9
+        else:
+            atol = 4e-5 * max(1.0, float(T.np_max(T.np_abs(expected))))
+        outputs = [s["results"][i][1] for s in statuses]
+        for r, out in enumerate(outputs):
+            lab = label.replace("rank={r}", f"rank={r}")
+            if T._tuple(out.shape) != T._tuple(expected.shape):
+                raise CheckFailure(
+                    f"{lab}: rank {r}'s output should have shape {T._tuple(expected.shape)}, got {T._tuple(out.shape)}."
+                )
+            if max_error(out, expected) <= atol:
+                continue
+            mistake = diagnose(out, _layer_fingerprints(job["params"], job["case"], r, p, job["h"]), atol=atol)
+            lines = [
+                f"{lab}: rank {r}'s output is wrong (largest error {max_error(out, expected):.3g}, tolerance {atol:.1g}).",
+                f"  expected (the single-device layer): {show(expected)}",
+                f"  got:      {show(out)}",
+            ]
+            if mistake:
+                lines.append(f"  Likely mistake: {mistake.strip()}")
+            raise CheckFailure("\n".join(lines))
+        count += 1
+    return count
+
+
+def _run_jobs(cls, jobs_by_p: dict) -> int:
+    count = 0
+    for p, jobs in jobs_by_p.items():
+        statuses, how = _run_ranks(p, lambda r, jobs=jobs, p=p: _rank_body(cls, jobs, r, p))
+        count += _judge(jobs, statuses, p, how)
+    return count
+
+
+def _check_layer_value_error(cls, e: int, h: int, p: int) -> None:
+    _expect_value_error(
+        cls, (e, h, 0, p), f"TensorParallelMultiHeadAttention({e}, {h}, rank=0, world_size={p})",
+        f"{h} heads do not split over {p} ranks",
+    )  # fmt: skip
+
+
+def visible_TensorParallelMultiHeadAttention(cls) -> None:
+    """Self-attention on 2 ranks (default call), cross-attention with padding on 2 ranks, causal on 4 ranks, ValueError."""
+    rng = _rng(92)
+    jobs = {
+        2: [
+            _case(rng, 8, 4, 2, 2, 5, bias=None),
+            _case(rng, 8, 4, 2, 2, 4, ls=6, cross=True, mode="cross", masks=("padding",)),
+        ],
+        4: [_case(rng, 16, 4, 4, 2, 6, causal=True)],
+    }
+    count = _run_jobs(cls, jobs)
+    _check_layer_value_error(cls, 12, 6, 4)
+    passed("TensorParallelMultiHeadAttention", count + 1)
+
+
+def hidden_TensorParallelMultiHeadAttention(cls, seed: int = 93) -> None:
+    """1, 2 and 4 ranks; float64; no bias; bool and float attn_mask; L != S; key given without value; large inputs."""
+    rng = _rng(seed)
+    jobs = {
+        1: [_case(rng, 8, 2, 1, 2, 4, causal=True)],
+        2: [
+            _case(rng, 12, 6, 2, 2, 5, dtype=F64, masks=("bool_attn", "padding")),
+            _case(rng, 8, 2, 2, 3, 3, ls=7, bias=False, cross=True, mode="cross", masks=("float_attn",)),
+            _case(rng, 8, 4, 2, 2, 4, ls=5, cross=True, mode="query_key"),
+            _case(rng, 16, 4, 2, 1, 6, scale=5.0, causal=True),
+        ],
+        4: [
+            _case(rng, 16, 8, 4, 2, 5, dtype=F64, causal=True, masks=("padding",)),
+            _case(rng, 24, 4, 4, 2, 3, ls=4, cross=True, mode="cross", bias=False),
+        ],
+    }
+    count = _run_jobs(cls, jobs)
+    _check_layer_value_error(cls, 16, 8, 3)
+    passed("TensorParallelMultiHeadAttention", count + 1, hidden=True)
+
+
+# {exercise: (visible points, hidden points)}, in the order the exercises appear.
+POINTS = {
+    "shard_heads": (1, 1),
+    "TensorParallelMultiHeadAttention": (2, 2),
+}
