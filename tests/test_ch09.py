@@ -1,0 +1,301 @@
+"""Chapter 9 beyond the generic tests: the solution on 1, 2 and 4 real gloo ranks against
+``nn.MultiheadAttention``, ``shard_heads`` properties, the checks' oracles against PyTorch, the
+checks' fallback and failure modes, the mutant templates, and the numbers the chapter quotes."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+from conftest import namespace
+
+from autograder.checks import ch09 as checks
+from autograder.checks.runner import run_check
+from autograder.course import ROOT, find_chapter
+from autograder.mutants import ch09 as mutants
+from solutions.ch09_heads_across_devices import TensorParallelMultiHeadAttention, shard_heads
+
+CHAPTER = find_chapter("09")
+TIMEOUT_S = 30
+
+
+def _reference(embed_dim: int, num_heads: int, bias: bool = True, dtype=torch.float32, seed: int = 0) -> nn.MultiheadAttention:
+    torch.manual_seed(seed)
+    mha = nn.MultiheadAttention(embed_dim, num_heads, bias=bias, batch_first=True).to(dtype).eval()
+    if bias:  # PyTorch initialises the biases to zero: make them count
+        with torch.no_grad():
+            mha.in_proj_bias.normal_(0, 0.5)
+            mha.out_proj.bias.normal_(0, 0.5)
+    return mha
+
+
+# ---------------------------------------------------------------------------------------------
+# Real ranks, started with torch.multiprocessing
+
+
+def _worker(rank, world_size, folder, backend, state, num_heads, inputs, kwargs, bias, dtype):
+    torch.set_num_threads(1)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    store = dist.FileStore(os.path.join(folder, "store"), world_size)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    try:
+        embed_dim = inputs[0].shape[-1]
+        layer = TensorParallelMultiHeadAttention(embed_dim, num_heads, rank, world_size, bias=bias).to(dtype)
+        layer.load_state_dict(shard_heads(state, rank, world_size, num_heads))
+        layer = layer.to(device).eval()
+        moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
+        with torch.no_grad():
+            out = layer(*(x.to(device) for x in inputs), **moved)
+        torch.save(out.cpu(), os.path.join(folder, f"out{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _launch(world_size: int, folder, *args, backend: str = "gloo") -> list[torch.Tensor]:
+    """Run _worker on world_size processes; a hang fails after TIMEOUT_S instead of blocking."""
+    method = "spawn" if backend == "nccl" else "fork"
+    ctx = mp.start_processes(
+        _worker, args=(world_size, str(folder), backend, *args), nprocs=world_size, join=False, start_method=method
+    )
+    deadline = time.monotonic() + TIMEOUT_S + 10
+    while not ctx.join(timeout=0.1):
+        if time.monotonic() > deadline:
+            for process in ctx.processes:
+                if process.is_alive():
+                    process.kill()
+            pytest.fail(f"{world_size} ranks did not finish within {TIMEOUT_S + 10} s")
+    return [torch.load(os.path.join(folder, f"out{r}.pt")) for r in range(world_size)]
+
+
+CASES = [
+    # (world_size, embed_dim, num_heads, bias, dtype, masks)
+    (1, 16, 4, True, torch.float32, "causal"),
+    (2, 16, 4, True, torch.float32, "padding"),
+    (2, 24, 6, False, torch.float64, "attn_mask"),
+    (4, 32, 8, True, torch.float64, "padding+causal"),
+    (4, 16, 4, False, torch.float32, "cross"),
+]
+
+
+@pytest.mark.parametrize(("world_size", "embed_dim", "num_heads", "bias", "dtype", "masks"), CASES)
+def test_tensor_parallel_equals_nn_multihead_attention_on_gloo_ranks(
+    tmp_path, world_size, embed_dim, num_heads, bias, dtype, masks
+):
+    mha = _reference(embed_dim, num_heads, bias, dtype)
+    torch.manual_seed(1)
+    x = torch.randn(3, 7, embed_dim, dtype=dtype)
+    kwargs, ref_kwargs, inputs, ref_inputs = {}, {}, [x], (x, x, x)
+    if "padding" in masks:
+        pad = torch.arange(7)[None, :] >= torch.tensor([7, 3, 5])[:, None]
+        kwargs["key_padding_mask"] = ref_kwargs["key_padding_mask"] = pad
+    if "causal" in masks:
+        kwargs["is_causal"] = True
+        ref_kwargs["attn_mask"] = torch.ones(7, 7, dtype=torch.bool).triu(1)
+    if masks == "attn_mask":
+        kwargs["attn_mask"] = ref_kwargs["attn_mask"] = torch.randn(7, 7, dtype=dtype)
+    if masks == "cross":
+        kv = torch.randn(3, 5, embed_dim, dtype=dtype)
+        v = torch.randn(3, 5, embed_dim, dtype=dtype)
+        inputs, ref_inputs = [x, kv, v], (x, kv, v)
+    with torch.no_grad():
+        want = mha(*ref_inputs, need_weights=False, **ref_kwargs)[0]
+    outs = _launch(world_size, tmp_path, mha.state_dict(), num_heads, inputs, kwargs, bias, dtype)
+    atol = 1e-12 if dtype == torch.float64 else 2e-5
+    for out in outs:
+        assert out.dtype == dtype and out.shape == want.shape
+        torch.testing.assert_close(out, want, atol=atol, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="NCCL needs at least 2 GPUs")
+def test_tensor_parallel_on_nccl(tmp_path):
+    mha = _reference(64, 8)
+    x = torch.randn(2, 16, 64)
+    with torch.no_grad():
+        want = mha(x, x, x, need_weights=False)[0]
+    outs = _launch(2, tmp_path, mha.state_dict(), 8, [x], {}, True, torch.float32, backend="nccl")
+    for out in outs:  # TF32 or a different reduction order on the GPU: a float32-sized tolerance
+        torch.testing.assert_close(out, want, atol=2e-3, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# shard_heads
+
+
+@pytest.mark.parametrize(("world_size", "num_heads"), [(1, 4), (2, 4), (4, 8), (3, 6)])
+def test_shards_reassemble_the_layer(world_size, num_heads):
+    """Concatenating the shards (per Q, K, V block) gives back the full weights; each bias is whole."""
+    mha = _reference(4 * num_heads, num_heads)
+    state = mha.state_dict()
+    shards = [shard_heads(state, r, world_size, num_heads) for r in range(world_size)]
+    for name in ("in_proj_weight", "in_proj_bias"):
+        blocks = [s[name].chunk(3) for s in shards]
+        rebuilt = torch.cat([torch.cat([b[i] for b in blocks]) for i in range(3)])
+        assert torch.equal(rebuilt, state[name])
+    assert torch.equal(torch.cat([s["out_proj.weight"] for s in shards], dim=1), state["out_proj.weight"])
+    for s in shards:
+        assert torch.equal(s["out_proj.bias"], state["out_proj.bias"])
+        assert set(s) == set(state)
+
+
+def test_shard_heads_keeps_dtype_copies_and_rejects_uneven_splits():
+    state = _reference(16, 4, bias=False, dtype=torch.float64).state_dict()
+    before = {k: v.clone() for k, v in state.items()}
+    shard = shard_heads(state, 1, 2, 4)
+    assert set(shard) == {"in_proj_weight", "out_proj.weight"}
+    assert all(v.dtype == torch.float64 for v in shard.values())
+    shard["in_proj_weight"].zero_()
+    assert all(torch.equal(state[k], before[k]) for k in state)
+    with pytest.raises(ValueError):  # 6 heads over 4 ranks
+        shard_heads(_reference(24, 6).state_dict(), 0, 4, 6)
+    with pytest.raises(ValueError):  # 4 heads over 3 ranks
+        shard_heads(state, 0, 3, 4)
+    with pytest.raises(ValueError):  # no rank 2 among 2 ranks
+        shard_heads(state, 2, 2, 4)
+    with pytest.raises(ValueError):
+        TensorParallelMultiHeadAttention(12, 6, 0, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks' oracles against PyTorch
+
+
+@pytest.mark.parametrize("masks", ["none", "padding", "bool_attn", "float_attn", "causal", "cross"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_check_oracle_equals_nn_multihead_attention(masks, bias):
+    rng = np.random.default_rng(5)
+    e, h, b, lq = 12, 4, 2, 5
+    ls = 6 if masks == "cross" else lq
+    params = checks._params(rng, e, bias, torch.float64)
+    mha = nn.MultiheadAttention(e, h, bias=bias, batch_first=True).double().eval()
+    mha.load_state_dict({k: torch.from_numpy(v) for k, v in params.items()})
+    q = rng.normal(size=(b, lq, e))
+    k = rng.normal(size=(b, ls, e)) if masks == "cross" else q
+    v = rng.normal(size=(b, ls, e)) if masks == "cross" else q
+    case, kw = {"query": q, "key": k, "value": v}, {}
+    if masks == "padding":
+        case["key_padding_mask"] = np.array([[False] * ls, [False] * 2 + [True] * (ls - 2)])
+        kw["key_padding_mask"] = torch.from_numpy(case["key_padding_mask"])
+    if masks == "bool_attn":
+        m = rng.random((lq, ls)) < 0.4
+        m[:, 0] = False
+        case["attn_mask"], kw["attn_mask"] = m, torch.from_numpy(m)
+    if masks == "float_attn":
+        m = rng.normal(size=(lq, ls))
+        case["attn_mask"], kw["attn_mask"] = m, torch.from_numpy(m)
+    if masks == "causal":
+        case["is_causal"] = True
+        kw["attn_mask"] = torch.ones(lq, ls, dtype=torch.bool).triu(1)
+    with torch.no_grad():
+        want = mha(*(torch.from_numpy(a) for a in (q, k, v)), need_weights=False, **kw)[0].numpy()
+    np.testing.assert_allclose(checks._oracle(params, case, h), want, atol=1e-12, rtol=0)
+    for p in (1, 2, 4):  # eq-tp-sum: the ranks' partial outputs plus the bias give the same layer
+        total = sum(checks._partial(params, case, r, p, h) for r in range(p)) + checks._bias(params)
+        np.testing.assert_allclose(total, want, atol=1e-12, rtol=0)
+
+
+def test_check_shards_equal_an_independent_torch_slicing():
+    rng = np.random.default_rng(6)
+    params = checks._params(rng, 16, True, torch.float64)
+    w = torch.from_numpy(params["in_proj_weight"])
+    for r in range(4):
+        got = checks._shard(params, r, 4, 8)
+        q, k, v = w.chunk(3)
+        rows = slice(r * 4, (r + 1) * 4)  # 2 heads of 2 features per rank
+        assert np.array_equal(got["in_proj_weight"], torch.cat([q[rows], k[rows], v[rows]]).numpy())
+        assert np.array_equal(got["out_proj.weight"], params["out_proj.weight"][:, rows])
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks: templates, fallback, hangs, patched collectives
+
+
+@pytest.mark.parametrize("exercise", list(mutants.TEMPLATES))
+@pytest.mark.parametrize("hidden", [False, True], ids=["visible", "hidden"])
+def test_mutant_templates_pass_every_check(exercise, hidden):
+    """Each mutant is its template plus one mistake; the template itself must pass."""
+    ex = next(e for e in CHAPTER.exercises if e.name == exercise)
+    outcome = run_check(ex, namespace(CHAPTER, replace={exercise: mutants.TEMPLATES[exercise]}), hidden=hidden)
+    assert outcome.passed, outcome.message
+
+
+def test_bias_on_rank_zero_only_is_accepted():
+    """Adding the bias before the all-reduce on rank 0 only is correct too."""
+    source = mutants.TEMPLATES["TensorParallelMultiHeadAttention"].replace(
+        "        dist.all_reduce(out, group=self.group)\n        if self.out_proj.bias is not None:\n",
+        "        if self.out_proj.bias is not None and self.rank == 0:\n            out = out + self.out_proj.bias\n"
+        "        dist.all_reduce(out, group=self.group)\n        if False:\n",
+    )
+    assert source != mutants.TEMPLATES["TensorParallelMultiHeadAttention"]
+    ex = CHAPTER.exercises[1]
+    ns = namespace(CHAPTER, replace={ex.name: source})
+    assert run_check(ex, ns, hidden=True).passed
+
+
+def test_thread_fallback_without_fork(monkeypatch):
+    """Where gloo cannot start, the ranks run as threads: the solution passes, a missing all-reduce is named."""
+    monkeypatch.setattr(checks, "_fork", None)
+    ex = CHAPTER.exercises[1]
+    ok = run_check(ex, namespace(CHAPTER), hidden=True)
+    assert ok.passed, ok.message
+    bad = next(m for m in mutants.MUTANTS if m.name == "missing_all_reduce")
+    outcome = run_check(ex, namespace(CHAPTER, replace={ex.name: bad.code}))
+    assert not outcome.passed and "simulated ranks" in outcome.message and bad.diagnosis in outcome.message
+    assert dist.all_reduce is checks._all_reduce
+
+
+def test_a_hanging_rank_is_killed_and_reported(monkeypatch):
+    monkeypatch.setattr(checks, "DEADLINE_S", 2.0)
+    source = mutants.TEMPLATES["TensorParallelMultiHeadAttention"].replace(
+        "        return out\n", "        while self.rank == 1:\n            pass\n        return out\n"
+    )
+    ex = CHAPTER.exercises[1]
+    start = time.monotonic()
+    outcome = run_check(ex, namespace(CHAPTER, replace={ex.name: source}))
+    assert time.monotonic() - start < 10
+    assert not outcome.passed and "did not finish" in outcome.message and "deadlock" in outcome.message
+
+
+def test_checks_survive_a_notebook_that_patches_all_reduce(monkeypatch):
+    """A notebook that turns dist.all_reduce into a no-op cannot make the missing sum pass."""
+    ns = namespace(CHAPTER)
+    monkeypatch.setattr(dist, "all_reduce", lambda *a, **k: None)
+    ex = CHAPTER.exercises[1]
+    assert run_check(ex, ns).passed
+
+
+def test_checks_never_import_solutions():
+    for name in ("checks/ch09.py", "mutants/ch09.py"):
+        assert "solutions" not in (ROOT / "autograder" / name).read_text().replace("``solutions/``", "")
+
+
+# ---------------------------------------------------------------------------------------------
+# The numbers the chapter quotes
+
+
+def test_numbers_the_chapter_quotes():
+    ns = namespace(CHAPTER)
+    ring = lambda n, p: 2 * (p - 1) * n / p  # noqa: E731  (eq-ring-bytes)
+    assert 2 * 6 * 16 * 4 == 768 and ring(768, 2) == 768 and ring(768, 4) == 1152
+    assert ring(1, 2) == 1 and ring(1, 8) == 1.75
+    e, h, b, s = 4096, 32, 8, 2
+    assert 2 * (e + 1) == 8194 and round(2 * (e + 1) / b) == 1024
+
+    def held(L, p):
+        return (4 * b * L * e / p + 2 * b * (h // p) * L**2) * s
+
+    assert round(ring(b * 8192 * e * s, 8) / held(8192, 8), 2) == 0.11
+    assert round(ring(b * 256 * e * s, 8) / held(256, 8), 2) == 1.75
+    # The figure's shard: rank 0 of 2 holds rows 0-7, 16-23, 32-39 of a (48, 16) in_proj_weight.
+    ids = {"in_proj_weight": torch.arange(48.0)[:, None].expand(48, 16).clone(), "out_proj.weight": torch.zeros(16, 16)}
+    rows = ns["shard_heads"](ids, 0, 2, 4)["in_proj_weight"][:, 0].long().tolist()
+    assert rows == [*range(0, 8), *range(16, 24), *range(32, 40)]
