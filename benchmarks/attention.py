@@ -523,7 +523,16 @@ def load_result(path: Path) -> dict:
 
 
 def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+    """``value`` formatted by ``spec`` ("9.3f"), or a dash in the same width."""
+    width = spec.split(".")[0]
+    return format("-", f">{width}") if value is None else format(value, spec)
+
+
+def _where(suite: str, point: dict) -> str:
+    """A ratio's shape in words: layers by L and E, kernels by N, D and causal."""
+    if suite == "layers":
+        return f"L={point['seq_len']} E={point['heads'] * point['head_dim']}"
+    return f"N={point['seq_len']} D={point['head_dim']}{' causal' if point['causal'] else ''}"
 
 
 def summary(result: dict) -> str:
@@ -533,21 +542,19 @@ def summary(result: dict) -> str:
         f"peak {result['peak_tflops']} TFLOP/s dense bf16" if result["peak_tflops"] else "peak unknown: ratios to peak omitted"
     )
     lines.append(
-        f"{'suite':8} {'impl':22} {'B':>3} {'H':>3} {'N':>6} {'D':>4} {'causal':6} {'ms':>9} {'IQR':>7} {'TFLOP/s':>8} {'GiB':>6}  status  note"
+        f"{'suite':8} {'impl':22} {'B':>3} {'H':>3} {'N':>6} {'D':>4} {'causal':6} {'ms':>9} {'IQR':>7} {'TFLOP/s':>8} {'GiB':>6}  {'status':11}  note"
     )
     for r in result["rows"]:
         mem = None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2**30
         lines.append(
             f"{r['suite']:8} {r['impl']:22} {r['batch']:>3} {r['heads']:>3} {r['seq_len']:>6} {r['head_dim']:>4} {r['causal']!s:6} "
-            f"{_fmt(r['median_ms'], '9.3f')} {_fmt(r['iqr_ms'], '7.3f')} {_fmt(r['tflops'], '8.1f')} {_fmt(mem, '6.2f')}  {r['status']:6}  {r['note'][:90]}"
+            f"{_fmt(r['median_ms'], '9.3f')} {_fmt(r['iqr_ms'], '7.3f')} {_fmt(r['tflops'], '8.1f')} {_fmt(mem, '6.2f')}  {r['status']:11}  {r['note'][:100]}"
         )
     lines.append("ratios (" + am.RATIO_DEFINITION + "):")
     for suite in ("layers", "kernels"):
         for label, data in result["ratios"].get(suite, {}).items():
             points = ", ".join(
-                f"N={p['seq_len']} D={p['head_dim']}{' causal' if p['causal'] else ''}: {p['value']:.2f}"
-                + (f" ({p['best']})" if "best" in p else "")
-                for p in data["points"]
+                f"{_where(suite, p)}: {p['value']:.2f}" + (f" ({p['best']})" if "best" in p else "") for p in data["points"]
             )
             lines.append(f"  {suite} {label}: geomean {_fmt(data['geomean'], '.2f')}  [{points}]")
     if "peak_note" in result["ratios"]:
