@@ -168,15 +168,18 @@ def first_line(error: BaseException | str) -> str:
     return type(error).__name__ if isinstance(error, BaseException) else ""
 
 
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch.OutOfMemoryError from 2.5 on
+
+
 def is_oom(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+    return isinstance(error, OUT_OF_MEMORY) or "out of memory" in str(error).lower()
 
 
 def guarded(fn: Callable[[], Any]) -> tuple[str, str, Any]:
     """Run ``fn()``: ("ok", "", result), ("oom", first line, None) on running out of memory, or
     ("unsupported", first line, None) on any other error (a pinned SDPA backend that cannot
-    run this shape raises RuntimeError "No available kernel"; the reason PyTorch gives in a
-    warning is appended to the note)."""
+    run this shape raises RuntimeError "No available kernel"; the reasons PyTorch gives in
+    warnings just before are appended to the note)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -185,9 +188,9 @@ def guarded(fn: Callable[[], Any]) -> tuple[str, str, Any]:
             if is_oom(error):
                 return "oom", first_line(error), None
             note = f"{type(error).__name__}: {first_line(error)}"
-            reasons = [first_line(str(w.message)) for w in caught if "not used because" in str(w.message)]
-            if reasons:
-                note += " (" + "; ".join(dict.fromkeys(reasons)) + ")"
+            reasons = "; ".join(dict.fromkeys(first_line(str(w.message)) for w in caught))
+            if reasons:  # PyTorch warns why each backend was refused, one line per reason
+                note += f" (warnings: {reasons[:400]})"
             return "unsupported", note, None
 
 

@@ -207,13 +207,17 @@ def test_guarded_sorts_out_of_memory_and_unsupported():
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 32.00 GiB\nmore detail")
 
     def no_kernel():
-        warnings.warn("Flash attention kernel not used because:\nhead_dim 512 too large", UserWarning, stacklevel=1)
+        warnings.warn("Flash attention kernel not used because:", UserWarning, stacklevel=1)
+        warnings.warn("Flash attention requires the head dimension to be at most 256\nmore", UserWarning, stacklevel=1)
         raise RuntimeError("No available kernel. Aborting execution.\nsecond line")
 
     assert am.guarded(oom) == ("oom", "CUDA out of memory. Tried to allocate 32.00 GiB", None)
     status, note, value = am.guarded(no_kernel)
     assert (status, value) == ("unsupported", None)
-    assert note == "RuntimeError: No available kernel. Aborting execution. (Flash attention kernel not used because:)"
+    assert note == (
+        "RuntimeError: No available kernel. Aborting execution. "
+        "(warnings: Flash attention kernel not used because:; Flash attention requires the head dimension to be at most 256)"
+    )
     assert am.guarded(lambda: 42) == ("ok", "", 42)
     assert am.guarded(lambda: (_ for _ in ()).throw(RuntimeError("CUDA error: out of memory")))[0] == "oom"
 
