@@ -14,7 +14,7 @@ from pathlib import Path
 from benchmarks import attention_measure as am
 
 METRICS = {
-    "time": ("median_ms", "median time per forward (ms, log scale)", "time"),
+    "time": ("median_ms", "median ms per forward (log; band: ± IQR/2)", "time"),
     "tflops": ("tflops", "achieved TFLOP/s", "throughput"),
     "memory": ("peak_mem_bytes", "peak memory allocated (GiB)", "peak memory"),
 }
@@ -121,14 +121,14 @@ def _draw_panel(ax, suite: str, key: tuple, rows: list[dict], field: str, metric
             label=impl,
         )
         if metric == "time":
-            lo = [r["median_ms"] - r["iqr_ms"] / 2 for r in ok]
+            lo = [max(r["median_ms"] - r["iqr_ms"] / 2, r["median_ms"] / 20) for r in ok]  # > 0 on a log axis
             hi = [r["median_ms"] + r["iqr_ms"] / 2 for r in ok]
             ax.fill_between(xs, lo, hi, color=colours[impl], alpha=0.2, linewidth=0)
     if metric == "tflops" and peak:
         ax.axhline(peak, color="black", linestyle=":", linewidth=1, label=f"peak {peak:g} TFLOP/s")
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths, [_short(n) for n in lengths])
-    if metric == "time":
+    if metric == "time" and ax.lines:
         ax.set_yscale("log")
     ax.set_xlabel("sequence length L (B·L fixed)" if suite == "layers" else "sequence length N (B·N fixed)")
     ax.set_title(_panel_title(suite, key, rows), fontsize=9)
