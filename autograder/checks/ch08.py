@@ -1,0 +1,523 @@
+"""Checks for chapter 8, FlashAttention from scratch.
+
+Oracles, all computed here and never taken from ``solutions/``:
+
+* the output: PyTorch's ``F.scaled_dot_product_attention`` in float64 on the exact values handed
+  to the student (low-precision inputs are rounded first), with an explicit bottom-right causal
+  mask (query i sees key j iff j <= i + S - L); it returns zeros for a query that sees no key.
+* the log-sum-exp: float64 NumPy, log of the sum of exp of the scaled, visible scores.
+* the error budget: PyTorch's own SDPA at the student's dtype against the same oracle.
+
+Wrong answers are compared with the outputs of known mistakes (float64 NumPy variants of the
+online softmax, tiled like the student's code) to name them. Two properties are checked by
+watching the call, not its result: ``tiled_attention`` must never create a tensor as large as the
+(L, S) score matrix (a ``TorchDispatchMode`` records the largest tensor each aten operation
+returns), and ``flash_attention`` must launch a Triton kernel and must not compute attention with
+PyTorch operations (matrix products, softmax, SDPA), which the same kind of mode records.
+
+Everything a student cell could rebind is captured when this module is imported, which the
+chapter's setup cell does before any student code runs (after it has set ``TRITON_INTERPRET``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from autograder.checks import trusted as T
+from autograder.checks.common import CheckFailure, call, diagnose, max_error, passed, show
+
+# Triton decorates its own library functions (tl.zeros, ...) when it is imported, for the
+# interpreter or for the compiler depending on TRITON_INTERPRET at that moment. Without a CUDA GPU
+# the kernels can only run interpreted, so set the variable before the first import of Triton,
+# as the chapter's setup cell does (this module may be imported first, e.g. by the tests).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+try:  # chapter 8 only; the other chapters' setup cells import these checks too
+    from triton.runtime.interpreter import InterpretedFunction as _Interpreted
+    from triton.runtime.jit import JITFunction as _Jit
+except ImportError:  # pragma: no cover  (Triton is a dependency of the course)
+    _Interpreted = _Jit = None
+_environ_get = os.environ.get
+
+# ---------------------------------------------------------------------------------------------
+# References captured at import time (a student cell may rebind torch or numpy attributes).
+_TB = torch._C.TensorBase
+_dtype_of = _TB.__dict__["dtype"].__get__
+_shape_of = _TB.__dict__["shape"].__get__
+_numel = _TB.numel
+_clone = _TB.clone
+_t_equal = torch.equal
+_from_numpy = torch.from_numpy
+_sdpa = torch.nn.functional.scaled_dot_product_attention
+_cuda_available = torch.cuda.is_available
+_TorchDispatchMode = TorchDispatchMode
+_tree_leaves = torch.utils._pytree.tree_leaves
+F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+
+_rng = np.random.default_rng
+_np_matmul = np.matmul
+_np_swapaxes = np.swapaxes
+_np_where = np.where
+_np_exp = np.exp
+_np_log = np.log
+_np_sum = np.sum
+_np_max = np.max
+_np_maximum = np.maximum
+_np_arange = np.arange
+_np_full = np.full
+_np_zeros = np.zeros
+_np_concat = np.concatenate
+_np_inf = np.inf
+_f64 = np.float64
+_sqrt = math.sqrt
+_log2e = math.log2(math.e)
+_int = int
+_str = str
+_range = range
+_min = min
+_max = max
+_isinstance = isinstance
+_getattr = getattr
+_setattr = setattr
+_any = any
+
+# ---------------------------------------------------------------------------------------------
+# Mistakes, by the phrase that names them (the mutants' diagnoses quote these).
+NO_RESCALE_ACC = (
+    "forgot to rescale the accumulator: when a new tile raises the running max from m_old to m_new, the output "
+    "accumulated so far must be multiplied by exp(m_old - m_new) before the new tile's p @ v is added."
+)
+NO_RESCALE_SUM = (
+    "forgot to rescale the running sum: when the running max grows from m_old to m_new, l = l * exp(m_old - m_new) "
+    "+ p.sum(-1); without the factor, earlier tiles are over-weighted in the denominator."
+)
+SCALE_D = "scaled the scores by 1/d instead of 1/sqrt(d)."
+NO_SCALE = "did not scale the scores: multiply q @ k^T by 1/sqrt(d)."
+TOP_LEFT = (
+    "used a top-left causal mask (query i sees key j <= i). With L != S the L queries are the *last* L positions: "
+    "query i sees key j <= i + (S - L) (bottom-right aligned, like chapter 2's causal_mask)."
+)
+OFF_BY_ONE = "the causal mask is off by one: a query sees its own position (j <= i + S - L, not j < i + S - L)."
+NOT_CAUSAL = "ignored causal=True: every query attended to every key."
+LSE_NO_MAX = (
+    "logsumexp without the max: the running sum l is relative to the running max m, so logsumexp = m + log(l), not log(l)."
+)
+LSE_BASE2 = "logsumexp in base 2 (exp2/log2 units): convert back to natural log (multiply by ln 2)."
+BOUNDARY = (
+    "did not mask the keys past the end of the sequence: when S is not a multiple of the key tile, the last tile "
+    "loads padding (zeros) whose scores of 0 still enter the softmax; mask key positions >= S with -inf."
+)
+USED_TORCH = "flash_attention must compute attention in the Triton kernel, not call PyTorch's SDPA"
+NO_KERNEL = "flash_attention did not launch a Triton kernel"
+FULL_MATRIX = "tiled_attention created a tensor as large as the whole (L, S) score matrix"
+
+
+def _dname(dtype) -> str:
+    return _str(dtype).replace("torch.", "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Float64 oracle and the known mistakes, in NumPy
+
+
+def _visible(L: int, S: int, causal: bool, mode: str = "") -> np.ndarray:
+    """(L, S) bool, True where query i may see key j."""
+    i = _np_arange(L)[:, None]
+    j = _np_arange(S)[None, :]
+    if not causal or mode == "not_causal":
+        return _np_full((L, S), True)
+    if mode == "top_left":
+        return j <= i
+    if mode == "off_by_one":
+        return j < i + (S - L)
+    return j <= i + (S - L)
+
+
+def _online(q, k, v, causal: bool, block: int, mistake: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """Float64 online softmax over key tiles of ``block`` with one optional mistake; (out, logsumexp)."""
+    L, S, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    scale = {"scale_d": 1.0 / d, "no_scale": 1.0}.get(mistake, 1.0 / _sqrt(d))
+    if mistake == "boundary" and S % block:  # the last tile padded with zero keys and values, unmasked
+        pad = block - S % block
+        zeros = _np_zeros(k.shape[:-2] + (pad, k.shape[-1]))
+        k = _np_concat([k, zeros], axis=-2)
+        v = _np_concat([v, _np_zeros(v.shape[:-2] + (pad, v.shape[-1]))], axis=-2)
+        vis = _np_concat([_visible(L, S, causal), _np_full((L, pad), True)], axis=-1)
+        S = S + pad
+    else:
+        vis = _visible(L, S, causal, mistake)
+    with T.np_errstate(all="ignore"):  # -inf - -inf and log(0) are expected for queries that see no key
+        return _online_loop(q, k, v, vis, scale, S, block, mistake)
+
+
+def _online_loop(q, k, v, vis, scale: float, S: int, block: int, mistake: str) -> tuple[np.ndarray, np.ndarray]:
+    m = _np_full(q.shape[:-1], -_np_inf)
+    lsum = _np_zeros(q.shape[:-1])
+    acc = _np_zeros(q.shape[:-1] + (v.shape[-1],))
+    for start in _range(0, S, block):
+        stop = _min(start + block, S)
+        s = _np_matmul(q, _np_swapaxes(k[..., start:stop, :], -1, -2)) * scale
+        s = _np_where(vis[:, start:stop], s, -_np_inf)
+        m_new = _np_maximum(m, _np_max(s, axis=-1))
+        safe = _np_where(m_new == -_np_inf, 0.0, m_new)
+        p = _np_exp(s - safe[..., None])
+        alpha = _np_exp(m - safe)
+        lsum = (lsum if mistake == "no_rescale_sum" else lsum * alpha) + _np_sum(p, axis=-1)
+        acc = (acc if mistake == "no_rescale_acc" else acc * alpha[..., None]) + _np_matmul(p, v[..., start:stop, :])
+        m = m_new
+    seen = lsum > 0
+    out = _np_where(seen[..., None], acc / _np_where(seen, lsum, 1.0)[..., None], 0.0)
+    lse = m + _np_log(lsum)
+    if mistake == "lse_no_max":
+        lse = _np_log(lsum)
+    elif mistake == "lse_base2":
+        lse = lse * _log2e
+    return out, lse
+
+
+def _sdpa64(q, k, v, causal: bool) -> np.ndarray:
+    """PyTorch's SDPA in float64 with an explicit bottom-right causal mask."""
+    L, S = q.shape[-2], k.shape[-2]
+    mask = _from_numpy(_visible(L, S, causal)) if causal else None
+    args = [_from_numpy(T.np_array(a, dtype=_f64)) for a in (q, k, v)]
+    return T.tensor_to_float64(_sdpa(*args, attn_mask=mask))
+
+
+def _sdpa_error(q, k, v, causal: bool, dtype, expected: np.ndarray) -> float:
+    """How far PyTorch's own SDPA at ``dtype`` lands from the float64 oracle (0 for float64)."""
+    if dtype == F64:
+        return 0.0
+    L, S = q.shape[-2], k.shape[-2]
+    mask = _from_numpy(_visible(L, S, causal)) if causal else None
+    args = [_tensor(a, dtype) for a in (q, k, v)]
+    try:
+        got = T.tensor_to_float64(_sdpa(*args, attn_mask=mask))
+    except RuntimeError:  # an SDPA backend without this dtype on this device
+        got = T.tensor_to_float64(_sdpa(*[T._to(a, dtype=F32) for a in args], attn_mask=mask))
+    return max_error(got, expected)
+
+
+def _tensor(a: np.ndarray, dtype, device="cpu") -> torch.Tensor:
+    return T._to(_from_numpy(T.np_array(a, dtype=_f64, copy=True)), device=device, dtype=dtype)
+
+
+def _rounded(a: np.ndarray, dtype) -> np.ndarray:
+    """``a`` rounded to ``dtype`` and widened back: the exact values the student receives."""
+    return T.tensor_to_float64(_tensor(a, dtype))
+
+
+def _atol(dtype, base_error: float, scale: float) -> float:
+    floor = {F64: 1e-10, F32: 2e-6, F16: 2e-3, BF16: 1.6e-2}[dtype]
+    return _max(4.0 * base_error, floor * _max(1.0, scale))
+
+
+def _fail(label: str, what: str, got: np.ndarray, expected: np.ndarray, atol: float, mistakes: list, extra: str = ""):
+    if T._tuple(got.shape) != T._tuple(expected.shape):
+        first = f"{label}: the {what} should have shape {T._tuple(expected.shape)}, got {T._tuple(got.shape)}."
+    else:
+        first = f"{label}: the {what} is wrong (largest error {max_error(got, expected):.3g}, tolerance {atol:.2g})."
+    lines = [first, f"  expected: {show(expected)}", f"  got:      {show(got)}"]
+    if not T.np_isfinite(got).all() and T.np_isfinite(expected).all():
+        lines.append("  Your result contains NaN or inf where the correct one is finite.")
+    lines += [f"  Likely mistake: {m}" for m in mistakes if m]
+    if extra:
+        lines.append(extra)
+    raise CheckFailure("\n".join(lines))
+
+
+def _compare(got, expected, *, label: str, what: str, atol: float, fingerprints: dict) -> None:
+    if T._tuple(got.shape) == T._tuple(expected.shape) and max_error(got, expected) <= atol:
+        return
+    mistake = diagnose(got, fingerprints, atol=_max(atol, 1e-9))
+    _fail(label, what, got, expected, atol, [mistake])
+
+
+def _as_tensor(result, *, label: str, what: str, dtype=None, shape=None) -> np.ndarray:
+    if not T.is_tensor(result):
+        raise CheckFailure(f"{label}: the {what} should be a torch.Tensor, got {T.type_name(result)}.")
+    if dtype is not None and _dtype_of(result) not in (dtype if _isinstance(dtype, tuple) else (dtype,)):
+        wanted = " or ".join(_dname(d) for d in (dtype if _isinstance(dtype, tuple) else (dtype,)))
+        raise CheckFailure(f"{label}: the {what} should be {wanted}, got {_dname(_dtype_of(result))}.")
+    if shape is not None and T._tuple(_shape_of(result)) != T._tuple(shape):
+        raise CheckFailure(f"{label}: the {what} should have shape {T._tuple(shape)}, got {T._tuple(_shape_of(result))}.")
+    return T.tensor_to_float64(result)
+
+
+def _inputs(rng, lead: tuple, L: int, S: int, d: int, dtype, scale: float = 1.0, dv: int | None = None):
+    q = _rounded(rng.normal(size=lead + (L, d), scale=scale), dtype)
+    k = _rounded(rng.normal(size=lead + (S, d), scale=scale), dtype)
+    v = _rounded(rng.normal(size=lead + (S, dv or d)), dtype)
+    return q, k, v
+
+
+# ---------------------------------------------------------------------------------------------
+# Watching a call: the largest tensor created, and the aten operations used
+
+
+class _Recorder(_TorchDispatchMode):
+    """Records the names of the aten operations run inside it and the largest tensor they return."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+        self.largest_shape = ()
+        self.ops: set = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.add(_str(func))
+        for leaf in _tree_leaves(out):
+            if _isinstance(leaf, T.Tensor):
+                n = _numel(leaf)
+                if n > self.largest:
+                    self.largest, self.largest_shape = n, T._tuple(_shape_of(leaf))
+        return out
+
+
+# aten operations that compute attention (or its pieces) in PyTorch instead of in a Triton kernel
+_TORCH_MATH = ("scaled_dot_product", "softmax", "mm.", "bmm", "matmul", "addmm", "baddbmm", "exp", "einsum", "linear")
+
+
+class _LaunchCounter:
+    """Counts Triton kernel launches (interpreted or compiled) while it is active."""
+
+    def __init__(self):
+        self.count = 0
+        self._saved = []
+
+    def __enter__(self):
+        for cls in (_Interpreted, _Jit):
+            if cls is None:
+                continue
+            original = cls.__dict__["run"]
+
+            def run(fn_self, *args, _original=original, **kwargs):
+                self.count += 1
+                return _original(fn_self, *args, **kwargs)
+
+            self._saved.append((cls, original))
+            _setattr(cls, "run", run)
+        return self
+
+    def __exit__(self, *exc):
+        for cls, original in self._saved:
+            _setattr(cls, "run", original)
+        self._saved.clear()
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# tiled_attention
+# ---------------------------------------------------------------------------------------------
+
+
+def _tiled_prints(q, k, v, causal: bool, block: int) -> dict:
+    prints = {}
+    for mistake, message in (
+        ("no_rescale_acc", NO_RESCALE_ACC),
+        ("no_rescale_sum", NO_RESCALE_SUM),
+        ("scale_d", SCALE_D),
+        ("no_scale", NO_SCALE),
+        ("top_left", TOP_LEFT),
+        ("off_by_one", OFF_BY_ONE),
+        ("not_causal", NOT_CAUSAL),
+    ):
+        if causal or mistake not in ("top_left", "off_by_one", "not_causal"):
+            prints[message] = _online(q, k, v, causal, block, mistake)
+    return prints
+
+
+def _check_tiled(fn, q, k, v, *, causal: bool, block: int | None, dtype, note: str = "", memory: bool = False) -> None:
+    L, S = q.shape[-2], k.shape[-2]
+    where = f"q {T._tuple(q.shape)}, k {T._tuple(k.shape)}, v {T._tuple(v.shape)}, {_dname(dtype)}"
+    args_text = f"block_size={block}, " if block is not None else ""
+    label = f"tiled_attention(q, k, v, {args_text}causal={causal}) [{where}{note}]"
+    qt, kt, vt = (_tensor(a, dtype) for a in (q, k, v))
+    before = [_clone(t) for t in (qt, kt, vt)]
+    kwargs = {"causal": causal} if block is None else {"block_size": block, "causal": causal}
+    recorder = _Recorder()
+    with recorder:
+        result = call(fn, qt, kt, vt, label=label, **kwargs)
+    if T._type(result) is not T._tuple or T._len(result) != 2:
+        raise CheckFailure(f"{label}: should return a tuple (out, logsumexp), got {T.type_name(result)}.")
+    expected = _sdpa64(q, k, v, causal)
+    scale = float(T.np_max(T.np_abs(v))) if v.size else 1.0
+    atol = _atol(dtype, _sdpa_error(q, k, v, causal, dtype, expected), scale)
+    lse_dtype = F64 if dtype == F64 else F32
+    out = _as_tensor(result[0], label=label, what="output", dtype=dtype, shape=q.shape[:-1] + (v.shape[-1],))
+    lse = _as_tensor(result[1], label=label, what="logsumexp (natural log, float32; float64 for float64 inputs)", dtype=lse_dtype)
+    prints = _tiled_prints(q, k, v, causal, block or 64)
+    _compare(
+        out, expected, label=label, what="output", atol=atol, fingerprints={m: (lambda o=o: o[0]) for m, o in prints.items()}
+    )
+    exp_lse = _online(q, k, v, causal, block or 64)[1]
+    lse_prints = {m: (lambda o=o: o[1]) for m, o in prints.items()}
+    lse_prints[LSE_NO_MAX] = lambda: _online(q, k, v, causal, block or 64, "lse_no_max")[1]
+    lse_prints[LSE_BASE2] = lambda: _online(q, k, v, causal, block or 64, "lse_base2")[1]
+    finite = exp_lse[T.np_isfinite(exp_lse)]
+    lse_scale = float(T.np_max(T.np_abs(finite))) if finite.size else 1.0
+    lse_atol = (1e-10 if dtype == F64 else 2e-5) * _max(1.0, lse_scale)
+    _compare(
+        lse, exp_lse, label=label, what=f"logsumexp (shape {T._tuple(q.shape[:-1])})", atol=lse_atol, fingerprints=lse_prints
+    )
+    for name, t, b in zip(("q", "k", "v"), (qt, kt, vt), before, strict=True):
+        if not _t_equal(t, b):
+            raise CheckFailure(f"{label}: tiled_attention changed its input {name} in place.")
+    if memory and recorder.largest >= L * S:  # memory cases have no leading dimensions
+        raise CheckFailure(
+            f"{label}: your tiled_attention created a tensor of {recorder.largest} elements (shape "
+            f"{recorder.largest_shape}); L x S = {L} x {S} = {L * S}. "
+            f"{FULL_MATRIX}: compute the scores one block of keys at a time, (..., L, block_size), and keep only "
+            "the running max, the running sum and the output accumulator between blocks."
+        )
+
+
+def visible_tiled_attention(fn) -> None:
+    """Five small cases: L = S, L != S, causal, a block size that does not divide S."""
+    rng = _rng(80)
+    _check_tiled(fn, *_inputs(rng, (), 8, 8, 4, F64), causal=False, block=4, dtype=F64, note=", two key blocks")
+    _check_tiled(fn, *_inputs(rng, (2,), 6, 10, 8, F32), causal=False, block=3, dtype=F32, note=", block 3 does not divide S")
+    _check_tiled(fn, *_inputs(rng, (2, 3), 7, 7, 8, F32), causal=True, block=4, dtype=F32, note=", causal")
+    _check_tiled(fn, *_inputs(rng, (1,), 5, 12, 4, F64), causal=True, block=5, dtype=F64, note=", causal, L < S")
+    _check_tiled(fn, *_inputs(rng, (2,), 10, 9, 8, F32, scale=3.0), causal=False, block=None, dtype=F32,
+                 note=", default block size")  # fmt: skip
+    passed("tiled_attention", 5)
+
+
+def hidden_tiled_attention(fn, seed: int = 81) -> None:
+    """Large scores whose max moves between tiles, L > S causal (queries that see nothing), fp16/bf16,
+    Dv != D, block 1 and block > S, and the memory rule (no tensor of L x S elements)."""
+    rng = _rng(seed)
+    count = 0
+
+    def case(args, **kw):
+        nonlocal count
+        _check_tiled(fn, *args, **kw)
+        count += 1
+
+    # rising scores: the max grows in every tile, so every rescaling matters
+    q = _rounded(rng.normal(size=(2, 6, 8)), F64)
+    k = _rounded(rng.normal(size=(2, 20, 8)) + _np_arange(20)[None, :, None] * 0.4, F64)
+    case((q, k, _rounded(rng.normal(size=(2, 20, 3)), F64)), causal=False, block=4, dtype=F64,
+         note=", key scores rising tile by tile, Dv = 3")  # fmt: skip
+    case(_inputs(rng, (2, 2), 9, 33, 16, F32, scale=4.0), causal=True, block=8, dtype=F32, note=", scores near 60, causal")
+    case(_inputs(rng, (3,), 12, 5, 8, F64), causal=True, block=2, dtype=F64,
+         note=", causal with L > S: the first 7 queries see no key (zero output, logsumexp -inf)")  # fmt: skip
+    case(_inputs(rng, (1,), 9, 7, 4, F32), causal=True, block=1, dtype=F32, note=", block_size=1")
+    case(_inputs(rng, (2,), 5, 6, 4, F32), causal=False, block=64, dtype=F32, note=", block larger than S")
+    case(_inputs(rng, (2, 2), 16, 24, 16, F16, scale=2.0), causal=True, block=8, dtype=F16, note=", float16")
+    case(_inputs(rng, (2,), 11, 19, 8, BF16), causal=False, block=8, dtype=BF16, note=", bfloat16")
+    case(_inputs(rng, (), 128, 128, 8, F32), causal=True, block=16, dtype=F32, memory=True,
+         note=", memory: no tensor may have L x S elements")  # fmt: skip
+    case(_inputs(rng, (), 96, 160, 4, F32), causal=False, block=32, dtype=F32, memory=True,
+         note=", memory: no tensor may have L x S elements")  # fmt: skip
+    passed("tiled_attention", count, hidden=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# flash_attention
+# ---------------------------------------------------------------------------------------------
+
+
+def _flash_prints(q, k, v, causal: bool) -> dict:
+    """The outputs of known kernel mistakes; tile-dependent ones are tried at the usual tile sizes."""
+    prints = {
+        SCALE_D: lambda: _online(q, k, v, causal, 16, "scale_d")[0],
+        NO_SCALE: lambda: _online(q, k, v, causal, 16, "no_scale")[0],
+    }
+    if causal:
+        prints[TOP_LEFT] = lambda: _online(q, k, v, causal, 16, "top_left")[0]
+        prints[OFF_BY_ONE] = lambda: _online(q, k, v, causal, 16, "off_by_one")[0]
+        prints[NOT_CAUSAL] = lambda: _online(q, k, v, causal, 16, "not_causal")[0]
+    for mistake, message in (("no_rescale_acc", NO_RESCALE_ACC), ("no_rescale_sum", NO_RESCALE_SUM), ("boundary", BOUNDARY)):
+        for block in (16, 32, 64, 128, 8):
+            prints[f"{message} (key tiles of {block})"] = lambda block=block, mistake=mistake: _online(
+                q, k, v, causal, block, mistake
+            )[0]
+    return prints
+
+
+def _device() -> str:
+    interpreting = _environ_get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    return "cuda" if _cuda_available() and not interpreting else "cpu"
+
+
+def _check_flash(fn, q, k, v, *, causal: bool, dtype, note: str = "", default_call: bool = False) -> None:
+    B, H, L, d = q.shape
+    device = _device()
+    where = f"q {T._tuple(q.shape)}, k and v {T._tuple(k.shape)}, {_dname(dtype)}, {device}"
+    label = f"flash_attention(q, k, v{'' if default_call else f', causal={causal}'}) [{where}{note}]"
+    if _Interpreted is None:
+        raise CheckFailure(f"{label}: Triton is not installed in this environment (pip install triton).")
+    qt, kt, vt = (_tensor(a, dtype, device) for a in (q, k, v))
+    before = [_clone(t) for t in (qt, kt, vt)]
+    recorder = _Recorder()
+    with _LaunchCounter() as launches, recorder:
+        result = call(fn, qt, kt, vt, label=label) if default_call else call(fn, qt, kt, vt, causal=causal, label=label)
+    used = sorted(op for op in recorder.ops if _any(word in op for word in _TORCH_MATH))
+    if used:
+        raise CheckFailure(
+            f"{label}: {USED_TORCH} or other PyTorch maths: the call ran {', '.join(used[:6])}. Load tiles of q, k and v "
+            "in the kernel and compute the scores, the online softmax and the output there."
+        )
+    if launches.count == 0:
+        raise CheckFailure(
+            f"{label}: {NO_KERNEL}. Define a @triton.jit kernel and launch it with kernel[grid](...); the output must "
+            "be written by the kernel."
+        )
+    expected = _sdpa64(q, k, v, causal)
+    atol = _atol(dtype, _sdpa_error(q, k, v, causal, dtype, expected), float(T.np_max(T.np_abs(v))))
+    out = _as_tensor(result, label=label, what="output", dtype=dtype, shape=(B, H, L, d))
+    _compare(out, expected, label=label, what="output", atol=atol, fingerprints=_flash_prints(q, k, v, causal))
+    for name, t, b in zip(("q", "k", "v"), (qt, kt, vt), before, strict=True):
+        if not _t_equal(t, b):
+            raise CheckFailure(f"{label}: flash_attention changed its input {name} in place.")
+
+
+def visible_flash_attention(fn) -> None:
+    """Three small cases under the Triton interpreter: one tile, several tiles, causal."""
+    rng = _rng(82)
+    _check_flash(fn, *_inputs(rng, (1, 1), 16, 16, 16, F32), causal=False, dtype=F32, note=", one tile", default_call=True)
+    _check_flash(fn, *_inputs(rng, (1, 2), 48, 48, 32, F32), causal=False, dtype=F32, note=", several tiles")
+    _check_flash(fn, *_inputs(rng, (2, 1), 32, 32, 16, F32), causal=True, dtype=F32, note=", causal")
+    passed("flash_attention", 3)
+
+
+def hidden_flash_attention(fn, seed: int = 83) -> None:
+    """L and S not multiples of a tile, L != S both ways, causal, large scores, float16, D = 64."""
+    rng = _rng(seed)
+    count = 0
+
+    def case(args, **kw):
+        nonlocal count
+        _check_flash(fn, *args, **kw)
+        count += 1
+
+    case(
+        _inputs(rng, (1, 1), 37, 45, 16, F32, scale=2.0),
+        causal=False,
+        dtype=F32,
+        note=", L = 37, S = 45: not multiples of a tile",
+    )
+    case(_inputs(rng, (1, 2), 40, 23, 32, F32), causal=True, dtype=F32,
+         note=", causal with L > S: the first 17 queries see no key (zero output)")  # fmt: skip
+    case(_inputs(rng, (2, 1), 21, 46, 16, F32, scale=3.0), causal=True, dtype=F32, note=", causal with L < S, scores near 150")
+    k_rising = _rounded(rng.normal(size=(1, 1, 48, 16)) + _np_arange(48)[None, None, :, None] * 0.3, F32)
+    q_all = _rounded(rng.normal(size=(1, 1, 20, 16)), F32)
+    case((q_all, k_rising, _rounded(rng.normal(size=(1, 1, 48, 16)), F32)), causal=False, dtype=F32,
+         note=", key scores rising tile by tile")  # fmt: skip
+    case(_inputs(rng, (1, 2), 33, 33, 32, F16), causal=True, dtype=F16, note=", float16")
+    case(_inputs(rng, (1, 1), 24, 17, 64, F32), causal=False, dtype=F32, note=", D = 64")
+    passed("flash_attention", count, hidden=True)
+
+
+POINTS = {
+    "tiled_attention": (2, 2),
+    "flash_attention": (2, 2),
+}
