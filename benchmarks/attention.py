@@ -12,7 +12,8 @@ Two suites, forward pass, bfloat16:
   chapter 7's ``FusedMultiHeadAttention`` ("fused"), and a reference layer written here (one QKV
   matmul, ``F.scaled_dot_product_attention``, output projection) with SDPA's default choice and
   with each backend pinned by ``torch.nn.attention.sdpa_kernel``. All share one set of weights.
-  E in {1024, 2048}, H = 16, L = 512 .. 16384 with B*L = 16384 tokens.
+  E in {1024, 2048}, H = 16, B = 4, L = 512 .. 16384 (the naive layers' L x L matrices grow
+  quadratically and run out of memory at the longest lengths, which the rows record as "oom").
 * ``kernels`` (chapter 8): chapter 8's Triton ``flash_attention`` on q, k, v (B, H, N, D) against
   SDPA's default and each pinned backend, at the FlashAttention papers' shapes: B*N = 16384,
   H*D = 2048, N in {1k, 2k, 4k, 8k, 16k}, D in {64, 128}, causal and not.
@@ -102,7 +103,8 @@ class Sweep:
     kernel_lengths: tuple[int, ...]  # N
     kernel_head_dims: tuple[int, ...]  # D
     kernel_causal: tuple[bool, ...]
-    tokens: int = 16384  # B * L (layers) and B * N (kernels)
+    layer_batch: int = 4  # B (layers)
+    tokens: int = 16384  # B * N (kernels)
     kernel_hidden: int = 2048  # H * D (kernels)
     rounds: int = 8  # alternating order: even rounds forward, odd reversed
     per_round: int = 2  # timed chunks per implementation per round
@@ -411,7 +413,7 @@ def run_layers(sweep: Sweep, device: torch.device, record: Callable[[list[dict]]
         verdicts = gate_layers(impls, mha32, g["batch"], g["seq_len"])
         _print_gate(f"layers E={embed_dim} H={heads}", verdicts)
         for length in sweep.layer_lengths:
-            batch = max(1, sweep.tokens // length)
+            batch = sweep.layer_batch
             shape = (batch, heads, length, embed_dim // heads, False)
             inputs = lambda batch=batch, length=length, embed_dim=embed_dim: (
                 torch.randn(batch, length, embed_dim, device=device, dtype=DTYPE),
@@ -498,6 +500,12 @@ def driver_version() -> str | None:
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def _math_sdp_reduction() -> bool | None:
+    """Whether SDPA's math backend may reduce in bf16 (False, the default: it computes in float32)."""
+    allowed = getattr(torch.backends.cuda, "fp16_bf16_reduction_math_sdp_allowed", None)
+    return bool(allowed()) if allowed else None
 
 
 def today() -> str:
@@ -639,9 +647,10 @@ def gpu_run(suites: list[str], sweep: Sweep, out_dir: Path, device: torch.device
         f"warm-up (>= 3 calls, about {sweep.warmup_ms:g} ms, compilation included) is not timed",
         "gate": f"bf16 output vs a float32 reference at a small shape: max|out - ref| / max|ref| <= {GATE_TOL[DTYPE]:g} (layers: nn.MultiheadAttention in float32 with math SDPA; kernels: math SDPA in float32 on the same inputs)",
         "peak_mem_bytes": "torch.cuda.max_memory_allocated() over one call after reset_peak_memory_stats(): includes the resident inputs and weights",
+        "math_sdp_bf16_reduction": _math_sdp_reduction(),
         "sdpa_default_backend": "read from torch.profiler's ATen op names of one call (aten::_scaled_dot_product_<backend>_attention); in each row's note",
         "shapes": {
-            "layers": f"B*L = {sweep.tokens}, H = {sweep.layer_heads}, E = H*D in {list(sweep.layer_dims)}, not causal",
+            "layers": f"B = {sweep.layer_batch}, H = {sweep.layer_heads}, E = H*D in {list(sweep.layer_dims)}, not causal",
             "kernels": f"B*N = {sweep.tokens}, H*D = {sweep.kernel_hidden}",
         },
         "impls": {

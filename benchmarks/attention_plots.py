@@ -30,11 +30,13 @@ def _panel_key(suite: str, row: dict) -> tuple:
 
 
 def _panel_title(suite: str, key: tuple, rows: list[dict]) -> str:
+    batches = sorted({r["batch"] for r in rows})
     tokens = sorted({r["batch"] * r["seq_len"] for r in rows})
     heads = sorted({r["heads"] for r in rows})
+    size = f"B = {batches[0]}" if len(batches) == 1 else f"B·N = {tokens[0]}" if len(tokens) == 1 else "B varies"
     if suite == "layers":
-        return f"E = {key[0]}, H = {heads[0]}, B·L = {tokens[0]}" if len(tokens) == 1 else f"E = {key[0]}, H = {heads[0]}"
-    return f"D = {key[0]}, H = {heads[0]}, {'causal' if key[1] else 'not causal'}"
+        return f"E = {key[0]}, H = {heads[0]}, {size}"
+    return f"D = {key[0]}, H = {heads[0]}, {size}, {'causal' if key[1] else 'not causal'}"
 
 
 def _short(n: int) -> str:
@@ -130,7 +132,7 @@ def _draw_panel(ax, suite: str, key: tuple, rows: list[dict], field: str, metric
     ax.set_xticks(lengths, [_short(n) for n in lengths])
     if metric == "time" and ax.lines:
         ax.set_yscale("log")
-    ax.set_xlabel("sequence length L (B·L fixed)" if suite == "layers" else "sequence length N (B·N fixed)")
+    ax.set_xlabel("sequence length L" if suite == "layers" else "sequence length N")
     ax.set_title(_panel_title(suite, key, rows), fontsize=9)
     ax.grid(True, alpha=0.3)
     if missing:

@@ -313,6 +313,7 @@ def cpu_as_gpu(monkeypatch):
         kernel_lengths=(16, 32),
         kernel_head_dims=(16,),
         kernel_causal=(False, True),
+        layer_batch=2,
         tokens=64,
         kernel_hidden=32,
         rounds=2,
