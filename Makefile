@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: book test test-fast sync check-sync release lint clean
+.PHONY: book test test-fast sync check-sync release lint clean bench
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c "import sys; assert sys.version_info[:2] == (3, 11), sys.version" || { echo "needs Python 3.11 (set PYTHON=...)"; exit 1; }
@@ -35,6 +35,12 @@ release: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# GPU benchmark (chapters 7 and 8): needs a Python with CUDA PyTorch and triton (.venv holds the CPU
+# wheel, with which only the correctness gate runs). BENCH_ARGS=--quick for a smoke run.
+BENCH_PYTHON ?= $(PY)
+bench: $(STAMP)
+	$(BENCH_PYTHON) benchmarks/attention.py --out benchmarks/results $(BENCH_ARGS)
 
 clean:
 	rm -rf _build
