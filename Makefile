@@ -36,10 +36,10 @@ release: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
-# GPU benchmark (chapters 7 and 8): needs a Python with CUDA PyTorch and triton (.venv holds the CPU
-# wheel, with which only the correctness gate runs). BENCH_ARGS=--quick for a smoke run.
-BENCH_PYTHON ?= $(PY)
-bench: $(STAMP)
+# GPU benchmark (chapters 7 and 8): a Python with CUDA PyTorch and triton and this package installed
+# (with .venv's CPU wheel only the correctness gate runs). BENCH_ARGS=--quick for a smoke run.
+BENCH_PYTHON ?= python3
+bench:
 	$(BENCH_PYTHON) benchmarks/attention.py --out benchmarks/results $(BENCH_ARGS)
 
 clean:
