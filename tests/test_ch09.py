@@ -299,3 +299,26 @@ def test_numbers_the_chapter_quotes():
     ids = {"in_proj_weight": torch.arange(48.0)[:, None].expand(48, 16).clone(), "out_proj.weight": torch.zeros(16, 16)}
     rows = ns["shard_heads"](ids, 0, 2, 4)["in_proj_weight"][:, 0].long().tolist()
     assert rows == [*range(0, 8), *range(16, 24), *range(32, 40)]
+
+
+def _sum_of_ranks(rank, world_size):
+    t = torch.tensor([rank + 1.0])
+    dist.all_reduce(t)
+    return rank, t.item()
+
+
+def _fails_on_rank_one(rank, world_size):
+    if rank == 1:
+        raise KeyError("no such head")
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def test_run_on_ranks_returns_results_and_names_a_failing_rank():
+    """The helper the chapter's demos use: results in rank order; a failure names the rank, the others are killed."""
+    assert checks.run_on_ranks(4, _sum_of_ranks) == [(r, 10.0) for r in range(4)]
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="rank 1: KeyError"):
+        checks.run_on_ranks(2, _fails_on_rank_one)
+    assert time.monotonic() - start < 5

@@ -613,8 +613,13 @@ def _child(r: int, p: int, tmp: str, body) -> None:
         _os_exit(0)
 
 
-def _run_forked(p: int, body) -> list[dict] | None:
-    """Run body(rank) on p forked processes joined by gloo; None when gloo cannot start here (no loopback)."""
+def _run_forked(p: int, body, failed=None, deadline: float | None = None) -> list[dict] | None:
+    """Run body(rank) on p forked processes joined by gloo; None when gloo cannot start here (no loopback).
+
+    Returns one status dict per rank: {"rank", "results"} or {"rank", "crash" | "setup_error" | "timeout"}.
+    When a rank crashes, or ``failed(results)`` is true for a rank's results, the others are killed soon after.
+    """
+    deadline = DEADLINE_S if deadline is None else deadline
     if _is_initialized():
         raise CheckFailure(
             "this kernel already has a default process group (dist.init_process_group ran in the notebook's own "
@@ -635,14 +640,17 @@ def _run_forked(p: int, body) -> list[dict] | None:
         start = _monotonic()
         alive = dict(_enumerate(pids))
         first_done = None
-        while alive and _monotonic() - start < DEADLINE_S:
+        while alive and _monotonic() - start < deadline:
             for r, pid in _list(alive.items()):
                 if _waitpid(pid, os.WNOHANG)[0] != 0:
                     del alive[r]
-                    if first_done is None and _path_exists(_path_join(tmp, f"r{r}.pkl")):
-                        with _open(_path_join(tmp, f"r{r}.pkl"), "rb") as f:
-                            st = _pickle_load(f)
-                        if "setup_error" in st or "crash" in st or (st.get("results") and not st["results"][-1][0]):
+                    if first_done is None:
+                        path = _path_join(tmp, f"r{r}.pkl")
+                        st = {"crash": "died"}
+                        if _path_exists(path):
+                            with _open(path, "rb") as f:
+                                st = _pickle_load(f)
+                        if "setup_error" in st or "crash" in st or (failed is not None and failed(st.get("results"))):
                             first_done = _monotonic()
             if first_done is not None and _monotonic() - first_done > GRACE_S:
                 break
@@ -671,6 +679,31 @@ def _run_forked(p: int, body) -> list[dict] | None:
                 _kill(pid, signal.SIGKILL)
                 _waitpid(pid, 0)
         _rmtree(tmp, ignore_errors=True)
+
+
+def run_on_ranks(world_size: int, worker, *args, timeout: float = 30.0) -> list:
+    """Run ``worker(rank, world_size, *args)`` on ``world_size`` ranks; return their results in rank order.
+
+    The ranks are processes forked from this one (so they know every function and class defined
+    in the notebook), joined in a gloo process group over a file store in a fresh temporary
+    folder; their stdout and stderr go to files. Results travel back pickled. The machinery is the
+    one the checks use. Raises RuntimeError naming each rank that failed, or that was still running
+    after ``timeout`` seconds (it is then killed).
+    """
+    statuses = _run_forked(world_size, lambda r: worker(r, world_size, *args), deadline=timeout)
+    if statuses is None:
+        raise RuntimeError("gloo could not start: this machine offers no loopback network interface")
+    problems = []
+    for s in statuses:
+        if "crash" in s or "setup_error" in s:
+            problems.append(f"rank {s['rank']}: {s.get('crash') or s.get('setup_error')}")
+        elif s.get("timeout"):
+            problems.append(
+                f"rank {s['rank']}: still running after {timeout:g} s (killed); a collective that not every rank calls?"
+            )
+    if problems:
+        raise RuntimeError("\n".join(problems))
+    return [s["results"] for s in statuses]
 
 
 _thread_rank = _local()
@@ -722,9 +755,9 @@ def _run_threads(p: int, body) -> list[dict]:
 
 def _run_ranks(p: int, body) -> tuple[list[dict], str]:
     if _fork is not None:
-        statuses = _run_forked(p, body)
+        statuses = _run_forked(p, body, failed=lambda results: _bool(results) and not results[-1][0])
         if statuses is not None:
-            return statuses, f"{p} gloo processes"
+            return statuses, f"{p} gloo process{'es' if p > 1 else ''}"
     return _run_threads(p, body), f"{p} simulated ranks (threads; no loopback network here)"
 
 
