@@ -61,9 +61,9 @@ def _worker(rank, world_size, folder, backend, state, num_heads, inputs, kwargs,
         dist.destroy_process_group()
 
 
-def _launch(world_size: int, folder, *args, backend: str = "gloo") -> list[torch.Tensor]:
+def _launch(world_size: int, folder, *args, backend: str = "gloo", method: str | None = None) -> list[torch.Tensor]:
     """Run _worker on world_size processes; a hang fails after TIMEOUT_S instead of blocking."""
-    method = "spawn" if backend == "nccl" else "fork"
+    method = method or ("spawn" if backend == "nccl" else "fork")
     ctx = mp.start_processes(
         _worker, args=(world_size, str(folder), backend, *args), nprocs=world_size, join=False, start_method=method
     )
@@ -125,6 +125,17 @@ def test_tensor_parallel_on_nccl(tmp_path):
     outs = _launch(2, tmp_path, mha.state_dict(), 8, [x], {}, True, torch.float32, backend="nccl")
     for out in outs:  # TF32 or a different reduction order on the GPU: a float32-sized tolerance
         torch.testing.assert_close(out, want, atol=2e-3, rtol=0)
+
+
+@pytest.mark.slow
+def test_spawned_ranks_as_the_nccl_test_starts_them(tmp_path):
+    """The NCCL test spawns fresh interpreters (CUDA cannot be forked); the same launcher works with gloo."""
+    mha = _reference(16, 4)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        want = mha(x, x, x, need_weights=False)[0]
+    for out in _launch(2, tmp_path, mha.state_dict(), 4, [x], {}, True, torch.float32, method="spawn"):
+        torch.testing.assert_close(out, want, atol=2e-5, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------
