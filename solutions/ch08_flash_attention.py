@@ -134,9 +134,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     out = torch.empty_like(q)
     if q.device.type == "cpu":  # Triton's interpreter: small tiles, so that small inputs span several
         block_m, block_n, warps, stages = 16, 16, 4, 1
-    else:
-        block_m, block_n = 128, 64  # a GPU (tuned for Hopper): 128 queries x 64 keys per step
-        warps, stages = (4, 3) if D <= 64 else (8, 3)
+    elif q.element_size() == 2:  # float16/bfloat16 on a GPU (sized for Hopper): 128 queries x 64 keys per step
+        block_m, block_n, warps, stages = 128, 64, (4 if D <= 64 else 8), 3
+    else:  # float32 tiles take twice the shared memory: smaller tiles, one stage less
+        block_m, block_n, warps, stages = 64, 32, (4 if D <= 64 else 8), 2
     block_d = max(16, triton.next_power_of_2(D))
     grid = (triton.cdiv(L, block_m), B * H)
     kernel[grid](

@@ -239,6 +239,13 @@ def test_flash_check_rejects_a_function_that_launches_no_kernel():
         checks.visible_flash_attention(numpy_attention)
 
 
+def test_flash_check_names_only_attention_arithmetic():
+    assert checks._is_torch_math("aten.bmm.default") and checks._is_torch_math("aten._softmax.default")
+    assert checks._is_torch_math("aten._scaled_dot_product_flash_attention_for_cpu.default")
+    for harmless in ("aten.expand.default", "aten.empty_like.default", "aten.copy_.default", "aten.set_.source_Storage"):
+        assert not checks._is_torch_math(harmless)
+
+
 @pytest.mark.parametrize("exercise", sorted(mutants.TEMPLATES))
 def test_mutant_templates_pass_every_check(exercise):
     """Each mutant differs from a correct template by its one mistake."""

@@ -85,7 +85,6 @@ _max = max
 _isinstance = isinstance
 _getattr = getattr
 _setattr = setattr
-_any = any
 
 # ---------------------------------------------------------------------------------------------
 # Mistakes, by the phrase that names them (the mutants' diagnoses quote these).
@@ -281,7 +280,16 @@ class _Recorder(_TorchDispatchMode):
 
 
 # aten operations that compute attention (or its pieces) in PyTorch instead of in a Triton kernel
-_TORCH_MATH = ("scaled_dot_product", "softmax", "mm.", "bmm", "matmul", "addmm", "baddbmm", "exp", "einsum", "linear")
+_TORCH_MATH = frozenset(
+    ("mm", "bmm", "addmm", "baddbmm", "matmul", "einsum", "linear", "softmax", "_softmax", "_log_softmax", "log_softmax")
+    + ("exp", "exp_", "exp2", "exp2_", "logsumexp", "dot", "vdot", "mv", "addmv", "addbmm", "_safe_softmax")
+)
+
+
+def _is_torch_math(op_name: str) -> bool:
+    """True for an aten operation such as "aten.bmm.default" that does attention arithmetic."""
+    base = op_name.split(".")[1] if op_name.count(".") >= 1 else op_name
+    return base in _TORCH_MATH or "scaled_dot_product" in base
 
 
 class _LaunchCounter:
@@ -460,7 +468,7 @@ def _check_flash(fn, q, k, v, *, causal: bool, dtype, note: str = "", default_ca
     recorder = _Recorder()
     with _LaunchCounter() as launches, recorder:
         result = call(fn, qt, kt, vt, label=label) if default_call else call(fn, qt, kt, vt, causal=causal, label=label)
-    used = sorted(op for op in recorder.ops if _any(word in op for word in _TORCH_MATH))
+    used = sorted(op for op in recorder.ops if _is_torch_math(op))
     if used:
         raise CheckFailure(
             f"{label}: {USED_TORCH} or other PyTorch maths: the call ran {', '.join(used[:6])}. Load tiles of q, k and v "
