@@ -68,6 +68,10 @@ QUOTED_DIAGNOSES = [
     ("ch03", "swapped sin and cos"),
     ("ch01", "over the queries"),
     ("ch01", "values instead of the keys"),
+    ("ch07", "scaled by 1/sqrt(embed_dim): each head's scores are dot products of D = E/H features"),
+    ("ch09", "scaled the scores by 1/sqrt(E/p), the width of the rank's slice. The scale is per head: 1/sqrt(head_dim)"),
+    ("ch07", "counted L * L instead of L * S: the score matrix is L queries by S keys."),
+    ("ch08", "created a tensor as large as the whole (L, S) score matrix"),
 ]
 
 
@@ -137,7 +141,13 @@ def test_myths_links_every_chapter_label() -> None:
     assert prose.startswith("(app-myths-and-mistakes)=")
     for label in ("dot-product-attention", "scaled-dot-product-attention", "self-attention", "multi-head-attention"):
         assert f"{{ref}}`ch-{label}`" in prose
-    for label in ("transformer-block", "kv-cache-and-gqa", "multi-head-attention-on-gpu", "flash-attention"):
+    for label in (
+        "transformer-block",
+        "kv-cache-and-gqa",
+        "multi-head-attention-on-gpu",
+        "flash-attention",
+        "heads-across-devices",
+    ):
         assert f"{{ref}}`ch-{label}`" in prose
 
 
