@@ -321,7 +321,7 @@ def test_keras_notebook_runs_without_keras(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("KERAS_BACKEND", os.environ.get("KERAS_BACKEND", "torch"))
     printed = _run_cells(KERAS_NB, list(_code_cells(KERAS_NB)))
     assert 'pip install "attention-head-by-head[keras]"' in printed
-    assert printed.count("skipped: Keras is not installed") == len(_code_cells(KERAS_NB)) - 2  # all but setup and mapping
+    assert printed.count("skipped: Keras on the PyTorch backend is not available") == len(_code_cells(KERAS_NB)) - 2  # all but setup and mapping
 
 
 # ---------------------------------------------------------------------------------------------
