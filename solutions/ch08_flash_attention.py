@@ -75,7 +75,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
             stride_kb, stride_kh, stride_ks, stride_kd,
             stride_vb, stride_vh, stride_vs, stride_vd,
             stride_ob, stride_oh, stride_ol, stride_od,
-            H, L, S, D, qk_scale,
+            H, L, S, qk_scale,
+            D: tl.constexpr,  # compile-time, so the mask on the head dimension vanishes when D = BLOCK_D
             CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
             FP32_DOT: tl.constexpr,
         ):  # fmt: skip
@@ -143,8 +144,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     kernel[grid](
         q, k, v, out,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, L, S, D, math.log2(math.e) / math.sqrt(D),
-        CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        H, L, S, math.log2(math.e) / math.sqrt(D),
+        D=D, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         FP32_DOT=q.dtype == torch.float32, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out
