@@ -43,7 +43,7 @@ MYTH_VERDICTS = {
     "myth6": "verdict 6: NaN from a plain softmax and from nn.MultiheadAttention's weights",
     "myth6-grad": "verdict 6b: one fully masked sequence makes the loss NaN",
     "myth7": "verdict 7: very different attention weights give the same output",
-    "myth7b": "verdict 7b: weight, contribution and effect of removal rank the keys differently",
+    "myth7b": "verdict 7b: weight, contribution, effect of removal and gradient rank the keys differently",
     "myth8": "verdict 8: without positions",
     "myth9": "verdict 9: the hand computation matches PyTorch",
 }
@@ -321,7 +321,8 @@ def test_keras_notebook_runs_without_keras(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("KERAS_BACKEND", os.environ.get("KERAS_BACKEND", "torch"))
     printed = _run_cells(KERAS_NB, list(_code_cells(KERAS_NB)))
     assert 'pip install "attention-head-by-head[keras]"' in printed
-    assert printed.count("skipped: Keras on the PyTorch backend is not available") == len(_code_cells(KERAS_NB)) - 2  # all but setup and mapping
+    skipped = printed.count("skipped: Keras on the PyTorch backend is not available")
+    assert skipped == len(_code_cells(KERAS_NB)) - 2  # every cell but the setup and the mapping
 
 
 # ---------------------------------------------------------------------------------------------
