@@ -56,7 +56,9 @@ def toc_pages(book_root: Path) -> list[str]:
 
 
 def chapter_pages(pages: list[str]) -> list[str]:
-    return [p for p in pages if p.startswith("chapters/")]
+    """Pages built from a notebook in ``chapters/`` (chapters and notebook appendices; they have launch buttons)."""
+    root = Path(__file__).resolve().parent.parent
+    return [p for p in pages if p.startswith("chapters/") and (root / f"{p}.ipynb").exists()]
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
