@@ -127,4 +127,3 @@ def naive_attention_bytes(batch: int, heads: int, L: int, S: int, dtype: torch.d
     bytes_per_element = torch.empty((), dtype=dtype).element_size()
     return 2 * batch * heads * L * S * bytes_per_element
     ### END SOLUTION
-

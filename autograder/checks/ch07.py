@@ -1097,6 +1097,13 @@ def _check_bytes_case(fn, b: int, h: int, L: int, S: int, dtype, note: str = "")
         f"  expected = 2 (scores and weights) * batch * heads * L * S * {size} bytes per {_dname(dtype)} element",
     ]
     found = [m for m, v in _naive_candidates(b, h, L, S, size).items() if v == got]
+    if _len(found) > 1:  # several mistakes explain this value: keep those that also explain a probe with distinct sizes
+        try:
+            probe = _int(call(fn, 3, 5, 7, 11, F64, label="probe"))
+            consistent = [m for m in found if _naive_candidates(3, 5, 7, 11, 8).get(m) == probe]
+            found = consistent or found
+        except Exception:  # noqa: BLE001  (a probe the student's function cannot handle)
+            pass
     if _len(found) == 1:
         lines.append(f"  Likely mistake: {found[0]}")
     elif found:
