@@ -25,7 +25,7 @@ from autograder.notebook_format import grade_id, read, render
 BUILD = ROOT / "_build"
 STAGE = BUILD / "stage"
 CACHE = BUILD / "execution-cache"
-BOOK_FILES = ("_config.yml", "_toc.yml", "*.md", "_ext", "_static", "figures", "appendices")
+BOOK_FILES = ("_config.yml", "_toc.yml", "*.md", "chapters/*.md", "_ext", "_static", "figures", "appendices")
 EXEC_TIMEOUT_S = 600
 
 
