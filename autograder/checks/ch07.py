@@ -61,6 +61,12 @@ _module_load_state_dict = torch.nn.Module.load_state_dict
 _named_parameters = torch.nn.Module.named_parameters
 _fork_rng = torch.random.fork_rng
 _no_grad = torch.no_grad
+_enable_grad = torch.enable_grad
+_autograd_grad = torch.autograd.grad
+_t_mul = torch.mul
+_t_sum = torch.sum
+_requires_grad_of = _TB.__dict__["requires_grad"].__get__
+_requires_grad = _TB.requires_grad_
 _TorchFunctionMode = torch.overrides.TorchFunctionMode
 _cuda = torch.cuda
 _device = torch.device
@@ -905,6 +911,45 @@ def _check_fused_raises(cls, e: int, h: int) -> None:
     _expect_value_error(lambda: cls(e, h), _fused_label(e, h, None), why)
 
 
+def _check_fused_gradients(cls, rng, e: int = 8, h: int = 2, b: int = 2, n: int = 5) -> None:
+    """Training needs gradients: those of the layer's parameters and input equal nn.MultiheadAttention's (float64)."""
+    p = _mha_params(rng, e, True)
+    module = _build_fused(cls, e, h, True, p, F64)
+    ref = _torch_mha(e, h, True, p, F64)
+    label = f"{_fused_label(e, h, True)}(x, is_causal=True) with x of shape {(b, n, e)} [float64, gradients of a weighted sum]"
+    weights = _tensor(rng.normal(size=(b, n, e)), F64)
+    future = _tensor(_np_triu(_np_ones((n, n), dtype=_np_bool), 1), BOOL)
+    x_np = rng.normal(size=(b, n, e))
+    grads = {}
+    for name, layer in (("yours", module), ("reference", ref)):
+        x = _requires_grad(_tensor(x_np, F64), True)
+        with _enable_grad():
+            if name == "yours":
+                out = call(layer, x, is_causal=True, label=label)
+            else:
+                out, _ = _mha_forward(layer, x, x, x, attn_mask=future, need_weights=False)
+            if not T.is_tensor(out) or not _requires_grad_of(out):
+                raise CheckFailure(
+                    f"{label}: the output does not require grad, so no gradient reaches the parameters. "
+                    "Likely mistake: the forward pass runs under torch.no_grad() or detaches a tensor (.detach(), .data); "
+                    "a layer must stay differentiable so that it can be trained."
+                )
+            params = [layer.in_proj_weight, layer.in_proj_bias, layer.out_proj.weight, x]
+            grads[name] = _autograd_grad(_t_sum(_t_mul(out, weights)), params, allow_unused=True)
+    names = ["in_proj_weight", "in_proj_bias", "out_proj.weight", "x"]
+    for what, got, want in zip(names, grads["yours"], grads["reference"], strict=True):
+        if got is None:
+            raise CheckFailure(
+                f"{label}: no gradient reaches {what}. Likely mistake: {what} is used through .detach() or .data, "
+                "or under torch.no_grad(), in the forward pass."
+            )
+        error = max_error(T.tensor_to_float64(got), T.tensor_to_float64(want))
+        if error > 1e-9:
+            raise CheckFailure(
+                f"{label}: the gradient with respect to {what} differs from nn.MultiheadAttention's by {error:.3g}."
+            )
+
+
 def visible_FusedMultiHeadAttention(cls) -> None:
     """Parameters, the default call, a causal call, a boolean mask (True = may attend), float64."""
     rng = _rng(72)
@@ -936,8 +981,9 @@ def hidden_FusedMultiHeadAttention(cls, seed: int = 73) -> None:
     case(16, 4, 2, 9, dtype=F64, mask=rng.normal(size=(2, 4, 9, 9)), note=", float64, float mask per head")
     case(16, 4, 2, 6, dtype=BF16, causal=True, note=", bfloat16")
     case(16, 2, 2, 8, scale=5.0, causal=True, note=", large inputs")
+    _check_fused_gradients(cls, rng)
     _check_fused_raises(cls, 10, 4)
-    passed("FusedMultiHeadAttention", count + 1, hidden=True)
+    passed("FusedMultiHeadAttention", count + 2, hidden=True)
 
 
 # =============================================================================================

@@ -268,6 +268,16 @@ MUTANTS = [
             "        out = torch.softmax(scores, dim=-1) @ v\n",
         ),
     ),
+    _m(
+        "FusedMultiHeadAttention",
+        "no_grad_in_forward",
+        "torch.no_grad()",
+        (
+            "        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)\n",
+            "        with torch.no_grad():  # inference only\n"
+            "            qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)\n",
+        ),
+    ),
     # attention_flops
     _m("attention_flops", "causal_not_halved", "did not halve", ("    if causal:\n        flops = flops / 2\n", "")),
     _m("attention_flops", "one_matmul", "TWO matmuls", ("flops = 4 * batch", "flops = 2 * batch")),
