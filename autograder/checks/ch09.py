@@ -826,7 +826,9 @@ def _judge(jobs: list[dict], statuses: list[dict], p: int, how: str) -> int:
             )
         for ok, value in s.get("results", []):
             if not ok:
-                if "timed out" in value.lower() or "connection closed" in value.lower():
+                # How gloo reports a peer that left without joining the collective depends on timing:
+                # a timeout, or the peer's socket closed or reset.
+                if any(sign in value.lower() for sign in ("timed out", "connection closed", "connection reset")):
                     value += f"\n  Likely mistake: {DEADLOCK}"
                 raise CheckFailure(f"[{how}] {value}")
     for s in statuses:
