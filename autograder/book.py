@@ -38,6 +38,7 @@ SHARED_CHECK_MODULES = (
     "checks/__init__.py",
     "checks/common.py",
     "checks/trusted.py",
+    "checks/torch_refs.py",
     "checks/runner.py",
     "course.py",
 )

@@ -84,7 +84,12 @@ def grading_sha(chapter, source: Path) -> str:
         meta = cell.get("metadata", {}).get("nbgrader", {})
         if meta.get("grade") or meta.get("locked"):
             h.update(json.dumps([meta.get("grade_id"), meta.get("points"), cell.source]).encode())
-    for module in (chapter.checks_module, "autograder.checks.common", "autograder.checks.trusted"):
+    for module in (
+        chapter.checks_module,
+        "autograder.checks.common",
+        "autograder.checks.trusted",
+        "autograder.checks.torch_refs",
+    ):
         h.update(Path(importlib.import_module(module).__file__).read_bytes())
     return h.hexdigest()
 

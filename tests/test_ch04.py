@@ -24,6 +24,7 @@ from conftest import namespace
 from torch.utils.flop_counter import FlopCounterMode
 
 from autograder.checks import ch04 as checks
+from autograder.checks import torch_refs
 from autograder.checks.runner import run_check
 from autograder.course import find_chapter
 from autograder.mutants import ch04 as mutants
@@ -227,8 +228,8 @@ def test_checks_oracle_equals_nn_multiheadattention():
         h = int(rng.choice([1, 2, 4]))
         e = h * int(rng.integers(1, 6))
         b, n, s = (int(x) for x in rng.integers(1, 6, size=3))
-        p = checks._random_params(rng, e, bias=bool(i % 3))
-        ref = checks._torch_module(e, h, bool(i % 3), p).to(torch.float64)
+        p = torch_refs.mha_params(rng, e, bias=bool(i % 3))
+        ref = torch_refs.mha_module(e, h, bool(i % 3), p).to(torch.float64)
         q, k, v = (rng.normal(size=(b, m, e)) for m in (n, s, s))
         kpm = rng.random(size=(b, s)) < 0.3 if i % 2 else None
         am = rng.normal(size=(b * h, n, s)) if i % 4 == 1 else (rng.random(size=(n, s)) < 0.3 if i % 4 == 2 else None)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from conftest import namespace
 
 from autograder.checks import ch06 as checks
+from autograder.checks import torch_refs
 from autograder.checks.runner import run_check
 from autograder.course import ROOT, find_chapter
 from autograder.mutants import ch06 as mutants
@@ -80,7 +81,7 @@ def test_decode_with_chapter_4_drop_in():
 def test_decode_oracle_equals_nn_multihead_attention():
     rng = np.random.default_rng(0)
     for e, h, bias in [(12, 3, True), (8, 8, False), (16, 1, True)]:
-        p = checks._mha_params(rng, e, bias)
+        p = torch_refs.mha_params(rng, e, bias)
         x = rng.normal(size=(2, 9, e))
         np.testing.assert_allclose(checks._causal_oracle(p, x, h), checks._torch_causal_reference(p, x, h, bias), atol=1e-12)
 

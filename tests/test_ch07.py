@@ -17,6 +17,7 @@ import torch.nn as nn
 from conftest import namespace
 
 from autograder.checks import ch07 as checks
+from autograder.checks import torch_refs
 from autograder.checks.runner import run_check
 from autograder.course import ROOT, find_chapter
 from autograder.mutants import ch07 as mutants
@@ -109,7 +110,7 @@ def test_fused_oracle_equals_nn_multihead_attention():
     for e, h, bias in [(12, 3, True), (8, 8, False), (16, 1, True)]:
         p = checks._mha_params(rng, e, bias)
         x = rng.normal(size=(2, 6, e))
-        mha = checks._torch_mha(e, h, bias, p, torch.float64)
+        mha = torch_refs.torch_mha(e, h, bias, p, torch.float64)
         xt = torch.from_numpy(x)
         allowed = checks._mask_np(rng, (6, 6))
         with torch.no_grad():

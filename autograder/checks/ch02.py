@@ -17,30 +17,26 @@ import warnings
 import numpy as np
 import torch
 
+from autograder.checks import torch_refs as R
 from autograder.checks import trusted as T
 from autograder.checks.common import CheckFailure, call, diagnose, max_error, passed, show
+from autograder.checks.torch_refs import BF16, BOOL, F16, F32, F64
 
 # ---------------------------------------------------------------------------------------------
 # References captured at import time (a student cell may rebind torch or numpy attributes).
-_TB = torch._C.TensorBase
-_dtype_of = _TB.__dict__["dtype"].__get__
-_shape_of = _TB.__dict__["shape"].__get__
-_device_of = _TB.__dict__["device"].__get__
-_to = _TB.to
-_detach = _TB.detach
-_numpy = _TB.numpy
-_expand = _TB.expand
-_contiguous = _TB.contiguous
-_from_numpy = torch.from_numpy
-_sdpa = torch.nn.functional.scaled_dot_product_attention
+# Those most chapters share (R.dtype_of, R.MHA, R.module_load_state_dict, ...) are in torch_refs.
+_device_of = R.TB.__dict__["device"].__get__
+_to = R.TB.to
+_detach = R.TB.detach
+_numpy = R.TB.numpy
+_expand = R.TB.expand
+_contiguous = R.TB.contiguous
 _broadcast_shapes = torch.broadcast_shapes
 _torch_device = torch.device
 _finfo = torch.finfo
 _catch_warnings = warnings.catch_warnings
 _simplefilter = warnings.simplefilter
 
-BOOL = torch.bool
-F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 LOW = (F16, BF16)
 CPU = torch.device("cpu")
 
@@ -72,11 +68,6 @@ _str = str
 # Small helpers
 
 
-def _tensor(a: np.ndarray, dtype) -> torch.Tensor:
-    """A fresh tensor of ``dtype`` holding ``a`` (rounded to ``dtype``)."""
-    return _to(_from_numpy(np.array(a, copy=True)), dtype=dtype)
-
-
 def _as64(t: torch.Tensor) -> np.ndarray:
     return T.tensor_to_float64(t)
 
@@ -90,7 +81,7 @@ def _dtype_name(dtype) -> str:
 
 
 def _shape(t) -> tuple:
-    return T._tuple(_shape_of(t))
+    return T._tuple(R.shape_of(t))
 
 
 def _expect_tensor(result, *, label: str, what: str) -> torch.Tensor:
@@ -207,10 +198,10 @@ def _sdpa_baseline_error(qt, kt, vt, mask, expected_out, live_rows) -> float:
     args = [_contiguous(_expand(t, (*batch, *_shape(t)[-2:]))) for t in (qt, kt, vt)]
     attn_mask = None
     if mask is not None:
-        attn_mask = _from_numpy(np.array(_np_broadcast_to(mask, (*batch, L, S)), dtype=bool, copy=True))
+        attn_mask = R.from_numpy(np.array(_np_broadcast_to(mask, (*batch, L, S)), dtype=bool, copy=True))
     with _catch_warnings():
         _simplefilter("ignore")
-        ref = _as64(_sdpa(*args, attn_mask=attn_mask))
+        ref = _as64(R.sdpa(*args, attn_mask=attn_mask))
     ref = ref[live_rows]
     exp = expected_out[live_rows]
     if ref.size == 0:
@@ -229,7 +220,7 @@ def _ref_weights_error(q64, k64, mask, dtype, expected_w, live_rows) -> float:
     if mask is not None:
         s = _np_where(mask, s, -np.inf)
     w = _softmax64(s.astype(np.float64)).astype(np.float32 if work == F32 else np.float64)
-    w = _as64(_tensor(w, dtype))
+    w = _as64(R.tensor_of(w, dtype))
     return max_error(w[live_rows], expected_w[live_rows]) if expected_w[live_rows].size else 0.0
 
 
@@ -238,11 +229,11 @@ def _check_sdpa_case(sdpa, q, k, v, mask=None, dtype=F64, note: str = "") -> Non
     shapes = f"q {T._tuple(q.shape)}, k {T._tuple(k.shape)}, v {T._tuple(v.shape)}"
     mask_text = "" if mask is None else f", mask {T._tuple(mask.shape)}"
     label = f"scaled_dot_product_attention(q, k, v{', mask' if mask is not None else ''}) with {shapes}{mask_text}, {_dtype_name(dtype)}{note}"
-    qt, kt, vt = _tensor(q, dtype), _tensor(k, dtype), _tensor(v, dtype)
+    qt, kt, vt = R.tensor_of(q, dtype), R.tensor_of(k, dtype), R.tensor_of(v, dtype)
     q64, k64, v64 = _as64(qt), _as64(kt), _as64(vt)  # the exact values the student receives
-    mt = None if mask is None else _from_numpy(np.array(mask, dtype=bool, copy=True))
+    mt = None if mask is None else R.from_numpy(np.array(mask, dtype=bool, copy=True))
     args = [qt, kt, vt] + ([] if mask is None else [mt])
-    given = [_as64(a) if _dtype_of(a) != BOOL else _as_bool(a) for a in args]
+    given = [_as64(a) if R.dtype_of(a) != BOOL else _as_bool(a) for a in args]
 
     result = call(sdpa, *args, label=label)
     out, w = _unpack_pair(result, label=label)
@@ -250,15 +241,15 @@ def _check_sdpa_case(sdpa, q, k, v, mask=None, dtype=F64, note: str = "") -> Non
     w = _expect_tensor(w, label=label, what="weights (second element)")
 
     for name, a, before in zip(("q", "k", "v", "mask"), args, given, strict=False):
-        now = _as64(a) if _dtype_of(a) != BOOL else _as_bool(a)
-        if not _np_array_equal(now, before, equal_nan=_dtype_of(a) != BOOL):
+        now = _as64(a) if R.dtype_of(a) != BOOL else _as_bool(a)
+        if not _np_array_equal(now, before, equal_nan=R.dtype_of(a) != BOOL):
             raise CheckFailure(f"{label}: your function changed its input `{name}` in place; work on new tensors.")
 
     exp_out, exp_w = _attend64(q64, k64, v64, mask)
     for what, t in (("output", out), ("weights", w)):
-        if _dtype_of(t) != dtype:
+        if R.dtype_of(t) != dtype:
             raise CheckFailure(
-                f"{label}: the {what} should have dtype {_dtype_name(dtype)} (the dtype of q), got {_dtype_name(_dtype_of(t))}.\n"
+                f"{label}: the {what} should have dtype {_dtype_name(dtype)} (the dtype of q), got {_dtype_name(R.dtype_of(t))}.\n"
                 "  Likely mistake: the dtype was not restored; compute in float32 if you like, then cast the results back "
                 "with .to(q.dtype)."
             )
@@ -500,9 +491,9 @@ def hidden_scaled_dot_product_attention(sdpa, seed: int = 20) -> None:
 
 def _expect_mask(result, expected: np.ndarray, *, label: str, fingerprints: dict, what: str = "mask") -> None:
     got = _expect_tensor(result, label=label, what=what)
-    if _dtype_of(got) != BOOL:
+    if R.dtype_of(got) != BOOL:
         raise CheckFailure(
-            f"{label}: the {what} should be a bool tensor (True = may attend), got dtype {_dtype_name(_dtype_of(got))}."
+            f"{label}: the {what} should be a bool tensor (True = may attend), got dtype {_dtype_name(R.dtype_of(got))}."
         )
     shape = _shape(got)
     if shape != T._tuple(expected.shape):
@@ -557,7 +548,7 @@ def _check_causal_case(causal_mask, L: int, S: int | None = None, device=None) -
     S_ = L if S is None else S
     expected = _causal64(L, S_)
     got = _expect_tensor(result, label=label, what="mask")
-    if _dtype_of(got) == BOOL and _shape(got) == (L, L) and S_ != L:
+    if R.dtype_of(got) == BOOL and _shape(got) == (L, L) and S_ != L:
         raise CheckFailure(f"{label}: the mask should have shape (L, S) = {(L, S_)}, got {(L, L)}: S was ignored.")
     _expect_mask(got, expected, label=label, fingerprints=_causal_fingerprints(L, S_))
     if device is not None and _device_of(got) != _torch_device(device):
@@ -603,7 +594,7 @@ def _check_padding_case(padding_mask, lengths, S: int, note: str = "") -> None:
     shown = (
         lengths
         if _isinstance(lengths, _list)
-        else f"torch.tensor({_as64(lengths).astype(int).tolist()}, dtype={_dtype_of(lengths)})"
+        else f"torch.tensor({_as64(lengths).astype(int).tolist()}, dtype={R.dtype_of(lengths)})"
     )
     label = f"padding_mask({shown}, S={S}){note}"
     values = np.asarray(lengths if _isinstance(lengths, _list) else _as64(lengths), dtype=np.int64)
@@ -617,7 +608,7 @@ def _check_padding_case(padding_mask, lengths, S: int, note: str = "") -> None:
 
 def visible_padding_mask(padding_mask) -> None:
     """A batch of three sequences padded to five positions."""
-    _check_padding_case(padding_mask, _from_numpy(np.array([3, 1, 5])), 5)
+    _check_padding_case(padding_mask, R.from_numpy(np.array([3, 1, 5])), 5)
     passed("padding_mask", 1)
 
 
@@ -625,10 +616,10 @@ def hidden_padding_mask(padding_mask, seed: int = 22) -> None:
     """A list, a length of 0, a length of S, int32, one sequence, longer S."""
     rng = _rng(seed)
     _check_padding_case(padding_mask, [2, 0, 4], 4, " (a list)")
-    _check_padding_case(padding_mask, _to(_from_numpy(np.array([6, 1, 3, 6])), dtype=torch.int32), 6, " (int32)")
+    _check_padding_case(padding_mask, _to(R.from_numpy(np.array([6, 1, 3, 6])), dtype=torch.int32), 6, " (int32)")
     _check_padding_case(padding_mask, [7], 7, " (one full sequence)")
     lengths = rng.integers(0, 12, size=5)
-    _check_padding_case(padding_mask, _from_numpy(lengths.astype(np.int64)), 12)
+    _check_padding_case(padding_mask, R.from_numpy(lengths.astype(np.int64)), 12)
     passed("padding_mask", 4, hidden=True)
 
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
+from autograder.checks import torch_refs as R
 from autograder.checks import trusted as T
 from autograder.checks.common import (
     CheckFailure,
@@ -31,24 +31,10 @@ from autograder.checks.common import (
     passed,
     show,
 )
+from autograder.checks.torch_refs import BOOL, F32, F64
 
 # References captured at import time (the setup cell imports this module before student code).
-_MHA = torch.nn.MultiheadAttention
-_Module = torch.nn.Module
-_Linear = torch.nn.Linear
-_module_to = torch.nn.Module.to
-_module_train = torch.nn.Module.train
-_module_state_dict = torch.nn.Module.state_dict
-_module_load_state_dict = torch.nn.Module.load_state_dict
-_fork_rng = torch.random.fork_rng
-_manual_seed = torch.manual_seed
-_clone = torch._C.TensorBase.clone
-_dtype_of = torch._C.TensorBase.dtype.__get__
-_t_equal = torch.equal
-_t_float32 = torch.float32
-_t_float64 = torch.float64
-_t_bool = torch.bool
-_from_numpy = torch.from_numpy
+# Those most chapters share (R.dtype_of, R.MHA, R.module_load_state_dict, ...) are in torch_refs.
 _rng = np.random.default_rng
 _exp = np.exp
 _where = np.where
@@ -80,19 +66,6 @@ _isinstance = isinstance
 _issubclass = issubclass
 
 FORBIDDEN = {"MultiheadAttention", "multi_head_attention_forward", "_native_multi_head_attention"}
-
-
-def _tensor(a: np.ndarray, dtype) -> torch.Tensor:
-    return T._to(_from_numpy(T.np_array(a, copy=True)), dtype=dtype)
-
-
-def _as_tensor_result(result, *, label: str, what: str, dtype) -> np.ndarray:
-    """A float64 copy of an exact ``torch.Tensor`` result of the expected dtype."""
-    if not T.is_tensor(result):
-        raise CheckFailure(f"{label}: the {what} should be a torch.Tensor, got {T.type_name(result)}.")
-    if dtype is not None and _dtype_of(result) != dtype:
-        raise CheckFailure(f"{label}: the {what} should keep the input's dtype {dtype}, got {_dtype_of(result)}.")
-    return T.tensor_to_float64(result)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,13 +108,13 @@ def _split_shape_hint(shape: tuple, b: int, n: int, e: int, h: int) -> str:
     return ""
 
 
-def _check_split_case(split_heads, x: np.ndarray, h: int, dtype=_t_float32, note: str = "") -> None:
+def _check_split_case(split_heads, x: np.ndarray, h: int, dtype=F32, note: str = "") -> None:
     b, n, e = x.shape
     label = f"split_heads(x, num_heads={h}) with x of shape {(b, n, e)}{note}"
-    given = _tensor(x, dtype)
-    before = _clone(given)
+    given = R.tensor_of(x, dtype)
+    before = R.clone(given)
     result = call(split_heads, given, num_heads=h, label=label)
-    actual = _as_tensor_result(result, label=label, what="result", dtype=dtype)
+    actual = R.tensor_result(result, label=label, what="result", dtype=dtype)
     xx = T.tensor_to_float64(before)  # the input as the student's function saw it (rounded to dtype)
     expected = xx.reshape(b, n, h, e // h).transpose(0, 2, 1, 3)
     if T._tuple(actual.shape) != T._tuple(expected.shape):
@@ -151,13 +124,13 @@ def _check_split_case(split_heads, x: np.ndarray, h: int, dtype=_t_float32, note
             + ("\n" + hint if hint else "")
         )
     expect_close(actual, expected, label=label, atol=0.0, fingerprints=_split_fingerprints(xx, h))
-    if not _t_equal(given, before):
+    if not R.t_equal(given, before):
         raise CheckFailure(f"{label}: your function changed its input in place.")
 
 
 def _check_split_raises(split_heads, e: int, h: int) -> None:
     label = f"split_heads(x, num_heads={h}) with x of shape (2, 3, {e})"
-    x = _tensor(T.np_array(_zeros((2, 3, e))), _t_float32)
+    x = R.tensor_of(T.np_array(_zeros((2, 3, e))), F32)
     try:
         split_heads(x, num_heads=h)
     except ValueError:
@@ -180,7 +153,7 @@ def visible_split_heads(split_heads) -> None:
     x = np.arange(2 * 4 * 8, dtype=np.float64).reshape(2, 4, 8)
     _check_split_case(split_heads, x, 2)
     _check_split_case(split_heads, x, 4)
-    _check_split_case(split_heads, np.arange(4 * 6, dtype=np.float64).reshape(1, 4, 6) / 7, 3, _t_float64, " (float64)")
+    _check_split_case(split_heads, np.arange(4 * 6, dtype=np.float64).reshape(1, 4, 6) / 7, 3, F64, " (float64)")
     _check_split_raises(split_heads, 6, 4)
     passed("split_heads", 4)
 
@@ -190,7 +163,7 @@ def hidden_split_heads(split_heads, seed: int = 41) -> None:
     rng = _rng(seed)
     _check_split_case(split_heads, rng.normal(size=(2, 5, 6)), 1, note=" (one head)")
     _check_split_case(split_heads, rng.normal(size=(2, 5, 6)), 6, note=" (one feature per head)")
-    _check_split_case(split_heads, rng.normal(size=(3, 7, 15)), 5, _t_float64, " (float64, odd sizes)")
+    _check_split_case(split_heads, rng.normal(size=(3, 7, 15)), 5, F64, " (float64, odd sizes)")
     _check_split_case(split_heads, rng.normal(size=(2, 7, 12)), 4, note=" (L = 7 not divisible by H)")
     _check_split_case(split_heads, rng.normal(size=(1, 1, 12)), 3, note=" (one token)")
     _check_split_case(split_heads, rng.normal(size=(2, 4, 16)), 4, note=" (L = H = D = 4)")
@@ -225,21 +198,21 @@ def _merge_fingerprints(x: np.ndarray) -> dict:
     }
 
 
-def _check_merge_case(merge_heads, x: np.ndarray, dtype=_t_float32, note: str = "", non_contiguous: bool = False) -> None:
+def _check_merge_case(merge_heads, x: np.ndarray, dtype=F32, note: str = "", non_contiguous: bool = False) -> None:
     b, h, n, d = x.shape
     label = f"merge_heads(x) with x of shape {(b, h, n, d)}{note}"
     if non_contiguous:  # the same values, stored as (B, L, H, D) and transposed
-        given = _tensor(T.np_array(x.transpose(0, 2, 1, 3), copy=True), dtype).transpose(1, 2)
+        given = R.tensor_of(T.np_array(x.transpose(0, 2, 1, 3), copy=True), dtype).transpose(1, 2)
     else:
-        given = _tensor(x, dtype)
-    before = _clone(given)
+        given = R.tensor_of(x, dtype)
+    before = R.clone(given)
     try:
         result = call(merge_heads, given, label=label)
     except CheckFailure as exc:
         if "view size is not compatible" in _str(exc) or "contiguous" in _str(exc):
             raise CheckFailure(f"{exc}\n{CONTIGUOUS_HINT}") from None
         raise
-    actual = _as_tensor_result(result, label=label, what="result", dtype=dtype)
+    actual = R.tensor_result(result, label=label, what="result", dtype=dtype)
     xx = T.tensor_to_float64(before)  # the input as the student's function saw it (rounded to dtype)
     expected = xx.transpose(0, 2, 1, 3).reshape(b, n, h * d)
     shape = T._tuple(actual.shape)
@@ -249,7 +222,7 @@ def _check_merge_case(merge_heads, x: np.ndarray, dtype=_t_float32, note: str = 
             "  Likely mistake: you summed or averaged the heads. merge_heads concatenates them: each head keeps its D features."
         )
     expect_close(actual, expected, label=label, atol=0.0, fingerprints=_merge_fingerprints(xx))
-    if not _t_equal(given, before):
+    if not R.t_equal(given, before):
         raise CheckFailure(f"{label}: your function changed its input in place.")
 
 
@@ -257,7 +230,7 @@ def visible_merge_heads(merge_heads) -> None:
     """Distinct entries, two shapes, float64."""
     _check_merge_case(merge_heads, np.arange(2 * 2 * 3 * 4, dtype=np.float64).reshape(2, 2, 3, 4))
     _check_merge_case(merge_heads, np.arange(1 * 4 * 3 * 2, dtype=np.float64).reshape(1, 4, 3, 2))
-    _check_merge_case(merge_heads, np.arange(2 * 3 * 2 * 2, dtype=np.float64).reshape(2, 3, 2, 2) / 3, _t_float64, " (float64)")
+    _check_merge_case(merge_heads, np.arange(2 * 3 * 2 * 2, dtype=np.float64).reshape(2, 3, 2, 2) / 3, F64, " (float64)")
     passed("merge_heads", 3)
 
 
@@ -266,7 +239,7 @@ def hidden_merge_heads(merge_heads, seed: int = 42) -> None:
     rng = _rng(seed)
     _check_merge_case(merge_heads, rng.normal(size=(2, 1, 5, 6)), note=" (one head)")
     _check_merge_case(merge_heads, rng.normal(size=(2, 6, 5, 1)), note=" (D = 1)")
-    _check_merge_case(merge_heads, rng.normal(size=(3, 5, 7, 3)), _t_float64, " (float64, odd sizes)")
+    _check_merge_case(merge_heads, rng.normal(size=(3, 5, 7, 3)), F64, " (float64, odd sizes)")
     _check_merge_case(merge_heads, rng.normal(size=(2, 3, 1, 4)), note=" (one token)")
     _check_merge_case(merge_heads, rng.normal(size=(2, 4, 4, 4)), note=" (H = L = D = 4)")
     _check_merge_case(merge_heads, rng.normal(size=(2, 3, 5, 4)), note=" (a non-contiguous input)", non_contiguous=True)
@@ -393,32 +366,8 @@ def _oracle(p: dict, q, k, v, h: int, *, kpm=None, am=None, causal=False, dtype=
     return out, w
 
 
-def _random_params(rng, e: int, bias: bool) -> dict:
-    """Parameters rounded to float32 (they travel through a float32 state dict), biases non-zero."""
-    r = lambda *shape, std=1.0: T.np_array(rng.normal(size=shape, scale=std).astype(_f32), dtype=_f64)
-    return {
-        "w_in": r(3 * e, e, std=1 / _sqrt(e)),
-        "b_in": r(3 * e, std=0.5) if bias else None,
-        "w_out": r(e, e, std=1 / _sqrt(e)),
-        "b_out": r(e, std=0.5) if bias else None,
-    }
-
-
-def _torch_module(e: int, h: int, bias: bool, p: dict | None = None):
-    """A real nn.MultiheadAttention (batch_first) holding the parameters ``p``."""
-    with _fork_rng(devices=[]):
-        ref = _MHA(e, h, bias=bias, batch_first=True)
-    if p is not None:
-        state = {"in_proj_weight": _tensor(p["w_in"], _t_float32), "out_proj.weight": _tensor(p["w_out"], _t_float32)}
-        if bias:
-            state["in_proj_bias"] = _tensor(p["b_in"], _t_float32)
-            state["out_proj.bias"] = _tensor(p["b_out"], _t_float32)
-        _module_load_state_dict(ref, state)
-    return ref
-
-
 def _shapes(module) -> dict:
-    return {k: T._tuple(v.shape) for k, v in _module_state_dict(module).items()}
+    return {k: T._tuple(v.shape) for k, v in R.module_state_dict(module).items()}
 
 
 def _forbidden_names(cls) -> list[str]:
@@ -426,17 +375,17 @@ def _forbidden_names(cls) -> list[str]:
     return names_used_in_methods(cls, FORBIDDEN)
 
 
-def _build(cls, e: int, h: int, *, dropout: float = 0.0, bias: bool = True, p: dict | None = None, dtype=_t_float32):
+def _build(cls, e: int, h: int, *, dropout: float = 0.0, bias: bool = True, p: dict | None = None, dtype=F32):
     """Construct the student's layer, check its structure, load PyTorch's state dict into it."""
     args = f"{e}, {h}" + (f", dropout={dropout}" if dropout else "") + ("" if bias else ", bias=False")
     label = f"MultiHeadAttention({args})"
-    with _fork_rng(devices=[]):
+    with R.fork_rng(devices=[]):
         module = call(cls, e, h, dropout=dropout, bias=bias, label=label)
-    if not _isinstance(module, _Module):
+    if not _isinstance(module, R.Module):
         raise CheckFailure(f"{label}: should be an nn.Module (class MultiHeadAttention(nn.Module)), got {T.type_name(module)}.")
-    if _isinstance(module, _MHA):
+    if _isinstance(module, R.MHA):
         raise CheckFailure(f"{label}: build the layer yourself instead of subclassing nn.MultiheadAttention.")
-    ref = _torch_module(e, h, bias, p)
+    ref = R.mha_module(e, h, bias, p)
     want, got = _shapes(ref), _shapes(module)
     if want != got:
         missing = [k for k in want if k not in got]
@@ -455,14 +404,14 @@ def _build(cls, e: int, h: int, *, dropout: float = 0.0, bias: bool = True, p: d
             "(register_parameter('in_proj_bias', None) when bias=False) and out_proj = nn.Linear(E, E, bias=bias)."
         )
     out_proj = getattr(module, "out_proj", None)
-    if not _isinstance(out_proj, _Linear):
+    if not _isinstance(out_proj, R.Linear):
         raise CheckFailure(f"{label}: out_proj should be an nn.Linear(E, E), got {T.type_name(out_proj)}.")
     try:
-        _module_load_state_dict(module, _module_state_dict(ref))
+        R.module_load_state_dict(module, R.module_state_dict(ref))
     except Exception as exc:  # noqa: BLE001
         raise CheckFailure(f"{label}: load_state_dict(nn.MultiheadAttention(...).state_dict()) failed: {exc}") from None
     try:
-        _module_to(module, dtype=dtype)
+        R.module_to(module, dtype=dtype)
     except Exception as exc:  # noqa: BLE001
         raise CheckFailure(f"{label}: .to({dtype}) failed: {exc}") from None
     return module
@@ -487,7 +436,7 @@ def _describe_mask(name: str, m) -> str:
 def _mask_tensor(m, dtype):
     if m is None:
         return None
-    return _tensor(m, _t_bool) if m.dtype == _np_bool else _tensor(m, dtype)
+    return R.tensor_of(m, BOOL) if m.dtype == _np_bool else R.tensor_of(m, dtype)
 
 
 def _fully_masked_rows(w: np.ndarray) -> bool:
@@ -518,7 +467,7 @@ def _run_case(
     causal: bool = False,
     need_weights: bool = True,
     average: bool = True,
-    dtype=_t_float32,
+    dtype=F32,
     defaults: bool = False,
     note: str = "",
     name: str = "MultiHeadAttention",
@@ -529,12 +478,12 @@ def _run_case(
     v = k if v is None else v
     b, n, e = q.shape
     s = k.shape[1]
-    qt = _tensor(q, dtype)
-    kt = qt if self_attention else _tensor(k, dtype)
-    vt = kt if v is k else _tensor(v, dtype)
+    qt = R.tensor_of(q, dtype)
+    kt = qt if self_attention else R.tensor_of(k, dtype)
+    vt = kt if v is k else R.tensor_of(v, dtype)
     kpm_t, am_t = _mask_tensor(kpm, dtype), _mask_tensor(am, dtype)
     inputs = [t for t in (qt, kt, vt, kpm_t, am_t) if t is not None]
-    before = [_clone(t) for t in inputs]
+    before = [R.clone(t) for t in inputs]
     kwargs = {}
     if not defaults:
         kwargs = {"key_padding_mask": kpm_t, "need_weights": need_weights, "attn_mask": am_t, "average_attn_weights": average}
@@ -554,13 +503,13 @@ def _run_case(
     if T._type(result) is not T._tuple or T._len(result) != 2:
         raise CheckFailure(f"{label}: should return a tuple (attn_output, attn_weights), got {T.type_name(result)}.")
     out_t, w_t = result
-    out = _as_tensor_result(out_t, label=label, what="attn_output", dtype=dtype)
+    out = R.tensor_result(out_t, label=label, what="attn_output", dtype=dtype)
     for t, old in zip(inputs, before, strict=True):
-        if not _t_equal(t, old):
+        if not R.t_equal(t, old):
             raise CheckFailure(f"{label}: the layer changed one of its inputs in place.")
 
     exp_out, exp_w = _oracle(p, q, k, v, h, kpm=kpm, am=am, causal=causal)
-    if dtype == _t_float64:
+    if dtype == F64:
         atol = 1e-9
     else:
         out32, w32 = _oracle(p, q, k, v, h, kpm=kpm, am=am, causal=causal, dtype=_f32)
@@ -578,7 +527,7 @@ def _run_case(
         if w_t is not None:
             raise CheckFailure(f"{label}: with need_weights=False the weights should be None, got {T.type_name(w_t)}.")
     else:
-        w = _as_tensor_result(w_t, label=label, what="attn_weights", dtype=dtype)
+        w = R.tensor_result(w_t, label=label, what="attn_weights", dtype=dtype)
         shape_avg, shape_heads = (b, n, s), (b, h, n, s)
         got_shape = T._tuple(w.shape)
         if average and got_shape == shape_heads and h > 1:
@@ -623,19 +572,19 @@ def _data(rng, b: int, n: int, e: int, scale: float = 1.0) -> np.ndarray:
 def _check_dropout_eval(cls, rng) -> None:
     """A layer built with dropout=0.5, in eval mode, must be deterministic and dropout-free."""
     e, h, b, n = 8, 2, 2, 5
-    p = _random_params(rng, e, True)
+    p = R.mha_params(rng, e, True)
     module = _build(cls, e, h, dropout=0.5, p=p)
-    _module_train(module, False)
+    R.module_train(module, False)
     q = _data(rng, b, n, e)
-    qt = _tensor(q, _t_float32)
+    qt = R.tensor_of(q, F32)
     label = f"MultiHeadAttention({e}, {h}, dropout=0.5) after .eval(), called twice on the same input"
-    with _fork_rng(devices=[]):
-        _manual_seed(0)
+    with R.fork_rng(devices=[]):
+        R.manual_seed(0)
         first = call(module, qt, qt, qt, need_weights=False, label=label)
         second = call(module, qt, qt, qt, need_weights=False, label=label)
     if T._type(first) is T._tuple and T._type(second) is T._tuple and T._len(first) == T._len(second) == 2:
-        a = _as_tensor_result(first[0], label=label, what="attn_output", dtype=_t_float32)
-        c = _as_tensor_result(second[0], label=label, what="attn_output", dtype=_t_float32)
+        a = R.tensor_result(first[0], label=label, what="attn_output", dtype=F32)
+        c = R.tensor_result(second[0], label=label, what="attn_output", dtype=F32)
         if T._tuple(a.shape) == T._tuple(c.shape) and not _array_equal(a, c):
             raise CheckFailure(f"{label}: the two outputs differ (largest difference {max_error(a, c):.3g}).\n{DROPOUT_EVAL}")
     _run_case(module, p, q, None, None, h, average=False, note=", eval mode, dropout=0.5")
@@ -648,9 +597,9 @@ def _check_dropout_train(cls, rng) -> None:
     so the batch mean estimates the expected output, which must equal the eval-mode output.
     """
     e, h, n, prob, copies = 8, 2, 6, 0.5, 256
-    p = _random_params(rng, e, True)
+    p = R.mha_params(rng, e, True)
     module = _build(cls, e, h, dropout=prob, p=p)
-    _module_train(module, True)
+    R.module_train(module, True)
     one = _data(rng, 1, n, e)
     q = T.np_array(one.repeat(copies, axis=0))
     label = (
@@ -658,14 +607,14 @@ def _check_dropout_train(cls, rng) -> None:
         f"on a batch of {copies} copies of one sequence"
     )
     exp_out, exp_w = _oracle(p, q, q, q, h)
-    qt = _tensor(q, _t_float32)
-    with _fork_rng(devices=[]):
-        _manual_seed(1234)
+    qt = R.tensor_of(q, F32)
+    with R.fork_rng(devices=[]):
+        R.manual_seed(1234)
         result = call(module, qt, qt, qt, need_weights=True, average_attn_weights=False, label=label)
     if T._type(result) is not T._tuple or T._len(result) != 2:
         raise CheckFailure(f"{label}: should return a tuple (attn_output, attn_weights), got {T.type_name(result)}.")
-    out = _as_tensor_result(result[0], label=label, what="attn_output", dtype=_t_float32)
-    w = _as_tensor_result(result[1], label=label, what="attn_weights", dtype=_t_float32)
+    out = R.tensor_result(result[0], label=label, what="attn_output", dtype=F32)
+    w = R.tensor_result(result[1], label=label, what="attn_weights", dtype=F32)
     expect_shape(out, exp_out.shape, label=label, what="attn_output")
     expect_shape(w, exp_w.shape, label=label, what="per-head attention weights")
     if max_error(out, exp_out) < 1e-5:
@@ -712,10 +661,10 @@ def visible_MultiHeadAttention(cls) -> None:
     """Structure and state dict, self- and cross-attention, both mask kinds, per-head weights, eval mode."""
     rng = _rng(0)
     e, h = 8, 2
-    p = _random_params(rng, e, True)
+    p = R.mha_params(rng, e, True)
     module = _build(cls, e, h, p=p)
     _check_built_by_hand(cls)
-    _build(cls, e, h, bias=False, p=_random_params(rng, e, False))
+    _build(cls, e, h, bias=False, p=R.mha_params(rng, e, False))
     x = _data(rng, 2, 4, e)
     _run_case(module, p, x, None, None, h, defaults=True, note=", default arguments")
     q, kv = _data(rng, 2, 3, e), _data(rng, 2, 5, e)
@@ -740,9 +689,9 @@ def hidden_MultiHeadAttention(cls, seed: int = 44) -> None:
     _build(cls, 8, 2)
     _check_built_by_hand(cls)
 
-    def case(e, h, b, n, s, *, bias=True, dtype=_t_float32, scale=1.0, self_attn=False, kv_same=False, **kw):
+    def case(e, h, b, n, s, *, bias=True, dtype=F32, scale=1.0, self_attn=False, kv_same=False, **kw):
         nonlocal count
-        p = _random_params(rng, e, bias)
+        p = R.mha_params(rng, e, bias)
         module = _build(cls, e, h, bias=bias, p=p, dtype=dtype)
         q = _data(rng, b, n, e, scale)
         k = None if self_attn else _data(rng, b, s, e, scale)
@@ -750,7 +699,7 @@ def hidden_MultiHeadAttention(cls, seed: int = 44) -> None:
         _run_case(module, p, q, k, v, h, dtype=dtype, **kw)
         count += 1
 
-    case(15, 5, 3, 7, 7, dtype=_t_float64, self_attn=True, average=False, note=", odd sizes")
+    case(15, 5, 3, 7, 7, dtype=F64, self_attn=True, average=False, note=", odd sizes")
     case(6, 1, 2, 4, 3, average=False, note=", one head")
     case(6, 6, 2, 3, 5, average=False, note=", one feature per head")
     case(8, 2, 2, 1, 6, note=", one query")
@@ -782,7 +731,7 @@ def hidden_MultiHeadAttention(cls, seed: int = 44) -> None:
     pad = np.zeros((2, 5), dtype=bool)
     pad[0, 3:] = True
     case(8, 2, 2, 5, 5, self_attn=True, kpm=pad, causal=True, average=False, note=", is_causal=True and padding")
-    case(16, 4, 2, 6, 9, dtype=_t_float64, scale=30.0, average=False, note=", large inputs (scores in the thousands)")
+    case(16, 4, 2, 6, 9, dtype=F64, scale=30.0, average=False, note=", large inputs (scores in the thousands)")
     case(16, 4, 2, 6, 9, scale=8.0, average=False, note=", large inputs")
     _check_dropout_eval(cls, rng)
     _check_dropout_train(cls, rng)

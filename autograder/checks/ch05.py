@@ -24,30 +24,14 @@ import math
 import numpy as np
 import torch
 
+from autograder.checks import torch_refs as R
 from autograder.checks import trusted as T
 from autograder.checks.common import CheckFailure, call, expect_close, max_error, names_used_in_methods, passed, to_float64
+from autograder.checks.torch_refs import BOOL, F32, F64
 
 # References captured at import time (the setup cell imports this module before student code).
+# Those most chapters share (R.dtype_of, R.MHA, R.module_load_state_dict, ...) are in torch_refs.
 _EncoderLayer = torch.nn.TransformerEncoderLayer
-_Module = torch.nn.Module
-_module_to = torch.nn.Module.to
-_module_train = torch.nn.Module.train
-_module_state_dict = torch.nn.Module.state_dict
-_module_load_state_dict = torch.nn.Module.load_state_dict
-_module_named_parameters = torch.nn.Module.named_parameters
-_fork_rng = torch.random.fork_rng
-_manual_seed = torch.manual_seed
-_clone = torch._C.TensorBase.clone
-_dtype_of = torch._C.TensorBase.dtype.__get__
-_requires_grad_ = torch._C.TensorBase.requires_grad_
-_t_equal = torch.equal
-_t_mul = torch.mul
-_t_sum = torch.sum
-_autograd_grad = torch.autograd.grad
-_t_float32 = torch.float32
-_t_float64 = torch.float64
-_t_bool = torch.bool
-_from_numpy = torch.from_numpy
 _rng = np.random.default_rng
 _exp = np.exp
 _np_sqrt = np.sqrt
@@ -88,19 +72,6 @@ FORBIDDEN = {
     "Transformer",
     "_transformer_encoder_layer_fwd",
 }
-
-
-def _tensor(a: np.ndarray, dtype) -> torch.Tensor:
-    return T._to(_from_numpy(T.np_array(a, copy=True)), dtype=dtype)
-
-
-def _as_tensor_result(result, *, label: str, what: str, dtype) -> np.ndarray:
-    """A float64 copy of an exact ``torch.Tensor`` result of the expected dtype."""
-    if not T.is_tensor(result):
-        raise CheckFailure(f"{label}: the {what} should be a torch.Tensor, got {T.type_name(result)}.")
-    if dtype is not None and _dtype_of(result) != dtype:
-        raise CheckFailure(f"{label}: the {what} should keep the input's dtype {dtype}, got {_dtype_of(result)}.")
-    return T.tensor_to_float64(result)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,15 +299,15 @@ STATE_KEYS = {
 
 def _torch_layer(e: int, h: int, f: int, *, dropout: float, norm_first: bool, activation: str, p: dict | None = None):
     """A real nn.TransformerEncoderLayer (batch_first) holding the parameters ``p``."""
-    with _fork_rng(devices=[]):
+    with R.fork_rng(devices=[]):
         ref = _EncoderLayer(e, h, f, dropout, activation, batch_first=True, norm_first=norm_first)
     if p is not None:
-        _module_load_state_dict(ref, {k: _tensor(p[v], _t_float32) for k, v in STATE_KEYS.items()})
+        R.module_load_state_dict(ref, {k: R.tensor_of(p[v], F32) for k, v in STATE_KEYS.items()})
     return ref
 
 
 def _shapes(module) -> dict:
-    return {k: T._tuple(v.shape) for k, v in _module_state_dict(module).items()}
+    return {k: T._tuple(v.shape) for k, v in R.module_state_dict(module).items()}
 
 
 def _forbidden_names(cls) -> list[str]:
@@ -348,21 +319,19 @@ def _signature(e, h, f, dropout, norm_first, activation) -> str:
     return f"TransformerBlock({e}, {h}, {f}, dropout={dropout}, norm_first={norm_first}, activation={activation!r})"
 
 
-def _build(
-    cls, e, h, f, *, dropout=0.0, norm_first=True, activation="relu", p=None, dtype=_t_float32, train=True, ctor_defaults=False
-):
+def _build(cls, e, h, f, *, dropout=0.0, norm_first=True, activation="relu", p=None, dtype=F32, train=True, ctor_defaults=False):
     """Construct the student's block, check its structure, load nn.TransformerEncoderLayer's state dict into it.
 
     With ``ctor_defaults`` the block is built as ``TransformerBlock(e, h, f)``: its defaults must be dropout=0.0,
     norm_first=True, activation="relu".
     """
     label = f"TransformerBlock({e}, {h}, {f})" if ctor_defaults else _signature(e, h, f, dropout, norm_first, activation)
-    with _fork_rng(devices=[]):
+    with R.fork_rng(devices=[]):
         if ctor_defaults:
             module = call(cls, e, h, f, label=label)
         else:
             module = call(cls, e, h, f, dropout=dropout, norm_first=norm_first, activation=activation, label=label)
-    if not _isinstance(module, _Module):
+    if not _isinstance(module, R.Module):
         raise CheckFailure(f"{label}: should be an nn.Module (class TransformerBlock(nn.Module)), got {T.type_name(module)}.")
     if _isinstance(module, _EncoderLayer):
         raise CheckFailure(f"{label}: build the block yourself instead of subclassing nn.TransformerEncoderLayer.")
@@ -392,12 +361,12 @@ def _build(
             "norm1 and norm2 = nn.LayerNorm(d_model)."
         )
     try:
-        _module_load_state_dict(module, _module_state_dict(ref))
+        R.module_load_state_dict(module, R.module_state_dict(ref))
     except Exception as exc:  # noqa: BLE001
         raise CheckFailure(f"{label}: load_state_dict(nn.TransformerEncoderLayer(...).state_dict()) failed: {exc}") from None
     try:
-        _module_to(module, dtype=dtype)
-        _module_train(module, train)
+        R.module_to(module, dtype=dtype)
+        R.module_train(module, train)
     except Exception as exc:  # noqa: BLE001
         raise CheckFailure(f"{label}: .to({dtype}) or .train({train}) failed: {exc}") from None
     return module
@@ -413,7 +382,7 @@ def _describe_mask(name: str, m) -> str:
 def _mask_tensor(m, dtype):
     if m is None:
         return None
-    return _tensor(m, _t_bool) if m.dtype == _np_bool else _tensor(m, dtype)
+    return R.tensor_of(m, BOOL) if m.dtype == _np_bool else R.tensor_of(m, dtype)
 
 
 def _forward(module, label: str, xt, kwargs: dict):
@@ -439,7 +408,7 @@ def _block_case(
     kpm=None,
     am=None,
     causal: bool = False,
-    dtype=_t_float32,
+    dtype=F32,
     defaults: bool = False,
     mode: str = "training mode",
     note: str = "",
@@ -447,10 +416,10 @@ def _block_case(
 ) -> np.ndarray:
     """Run the student's block once and compare its output and last_attention with the oracle."""
     b, n, e = x.shape
-    xt = _tensor(x, dtype)
+    xt = R.tensor_of(x, dtype)
     kpm_t, am_t = _mask_tensor(kpm, dtype), _mask_tensor(am, dtype)
     inputs = [t for t in (xt, kpm_t, am_t) if t is not None]
-    before = [_clone(t) for t in inputs]
+    before = [R.clone(t) for t in inputs]
     kwargs = {}
     if not defaults:
         kwargs = {"attn_mask": am_t, "key_padding_mask": kpm_t}
@@ -461,14 +430,14 @@ def _block_case(
         call_text += ", is_causal=True)" if causal else ")"
     label = f"{sig}{call_text} with x of shape {(b, n, e)} [{_str(dtype).replace('torch.', '')}, {mode}{note}]"
     result = _forward(module, label, xt, kwargs)
-    out = _as_tensor_result(result, label=label, what="output", dtype=dtype)
+    out = R.tensor_result(result, label=label, what="output", dtype=dtype)
     for t, old in zip(inputs, before, strict=True):
-        if not _t_equal(t, old):
+        if not R.t_equal(t, old):
             raise CheckFailure(f"{label}: the block changed one of its inputs in place.")
 
     args = {"norm_first": norm_first, "activation": activation, "kpm": kpm, "am": am, "causal": causal}
     exp_out, exp_w = _oracle(p, x, h, **args)
-    if dtype == _t_float64:
+    if dtype == F64:
         atol = 1e-8
     else:
         out32, w32 = _oracle(p, x, h, dtype=_f32, **args)
@@ -486,7 +455,7 @@ def _block_case(
             f"{wlabel}: is None or missing. Keep the per-head attention weights of the last forward in "
             "self.last_attention, shape (B, num_heads, L, L)."
         )
-    w = _as_tensor_result(la, label=wlabel, what="last_attention", dtype=None)
+    w = R.tensor_result(la, label=wlabel, what="last_attention", dtype=None)
     shape = T._tuple(w.shape)
     if shape != (b, h, n, n):
         hint = ""
@@ -515,7 +484,7 @@ def _case(
     *,
     norm_first=True,
     activation="relu",
-    dtype=_t_float32,
+    dtype=F32,
     train=True,
     scale=1.0,
     shift=0.0,
@@ -539,15 +508,15 @@ def _check_dropout_eval(cls, rng, norm_first: bool) -> None:
     p = _random_params(rng, e, f)
     module = _build(cls, e, h, f, dropout=0.5, norm_first=norm_first, p=p, train=False)
     x = _data(rng, b, n, e)
-    xt = _tensor(x, _t_float32)
+    xt = R.tensor_of(x, F32)
     sig = _signature(e, h, f, 0.5, norm_first, "relu")
     label = f"{sig} after .eval(), called twice on the same x of shape {(b, n, e)}"
-    with _fork_rng(devices=[]):
-        _manual_seed(0)
+    with R.fork_rng(devices=[]):
+        R.manual_seed(0)
         first = _forward(module, label, xt, {})
         second = _forward(module, label, xt, {})
-    a = _as_tensor_result(first, label=label, what="output", dtype=_t_float32)
-    c = _as_tensor_result(second, label=label, what="output", dtype=_t_float32)
+    a = R.tensor_result(first, label=label, what="output", dtype=F32)
+    c = R.tensor_result(second, label=label, what="output", dtype=F32)
     if T._tuple(a.shape) == T._tuple(c.shape) and not _array_equal(a, c):
         raise CheckFailure(f"{label}: the two outputs differ (largest difference {max_error(a, c):.3g}).\n{DROPOUT_EVAL}")
     try:
@@ -561,12 +530,12 @@ def _check_dropout_train(cls, rng) -> None:
     e, h, f, b, n = 8, 2, 16, 2, 6
     p = _random_params(rng, e, f)
     module = _build(cls, e, h, f, dropout=0.5, p=p, train=True)
-    xt = _tensor(_data(rng, b, n, e), _t_float32)
+    xt = R.tensor_of(_data(rng, b, n, e), F32)
     label = f"{_signature(e, h, f, 0.5, True, 'relu')} in training mode, called twice on the same x of shape {(b, n, e)}"
-    with _fork_rng(devices=[]):
-        _manual_seed(1)
-        first = _as_tensor_result(_forward(module, label, xt, {}), label=label, what="output", dtype=_t_float32)
-        second = _as_tensor_result(_forward(module, label, xt, {}), label=label, what="output", dtype=_t_float32)
+    with R.fork_rng(devices=[]):
+        R.manual_seed(1)
+        first = R.tensor_result(_forward(module, label, xt, {}), label=label, what="output", dtype=F32)
+        second = R.tensor_result(_forward(module, label, xt, {}), label=label, what="output", dtype=F32)
     if _array_equal(first, second):
         raise CheckFailure(
             f"{label}: both calls gave the same output, so dropout is not applied in training mode. Apply dropout "
@@ -580,18 +549,18 @@ def _check_gradients(cls, rng) -> None:
     e, h, f, b, n = 6, 2, 10, 2, 4
     for norm_first in (True, False):
         p = _random_params(rng, e, f)
-        module = _build(cls, e, h, f, norm_first=norm_first, p=p, dtype=_t_float64)
+        module = _build(cls, e, h, f, norm_first=norm_first, p=p, dtype=F64)
         sig = _signature(e, h, f, 0.0, norm_first, "relu")
         x, v, w = _data(rng, b, n, e), _data(rng, b, n, e), _data(rng, b, n, e)
         label = f"{sig} in float64: the gradient of sum(w * block(x)) with x of shape {(b, n, e)}"
-        xt = _requires_grad_(_tensor(x, _t_float64))
-        wt = _tensor(w, _t_float64)
+        xt = R.requires_grad_(R.tensor_of(x, F64))
+        wt = R.tensor_of(w, F64)
         out = _forward(module, label, xt, {})
         if not T.is_tensor(out):
             raise CheckFailure(f"{label}: the output should be a torch.Tensor, got {T.type_name(out)}.")
-        params = [(name, t) for name, t in _module_named_parameters(module)]
+        params = [(name, t) for name, t in R.named_parameters(module)]
         try:
-            grads = _autograd_grad(_t_sum(_t_mul(out, wt)), [xt] + [t for _, t in params], allow_unused=True)
+            grads = R.autograd_grad(R.t_sum(R.t_mul(out, wt)), [xt] + [t for _, t in params], allow_unused=True)
         except Exception as exc:  # noqa: BLE001
             raise CheckFailure(
                 f"{label} could not be computed ({T.type_name(exc)}: {exc}). Part of the block is cut off from autograd: "
@@ -607,9 +576,9 @@ def _check_gradients(cls, rng) -> None:
         if g is None:
             raise CheckFailure(f"{label}: no gradient reaches the input x: part of the block is cut off from autograd.")
         step = 1e-6
-        with _fork_rng(devices=[]):
-            plus = T.tensor_to_float64(_forward(module, label, _tensor(x + step * v, _t_float64), {}))
-            minus = T.tensor_to_float64(_forward(module, label, _tensor(x - step * v, _t_float64), {}))
+        with R.fork_rng(devices=[]):
+            plus = T.tensor_to_float64(_forward(module, label, R.tensor_of(x + step * v, F64), {}))
+            minus = T.tensor_to_float64(_forward(module, label, R.tensor_of(x - step * v, F64), {}))
         numeric = _float(((plus - minus) * w).sum() / (2 * step))
         analytic = _float((g * v).sum())
         if _abs(numeric - analytic) > 1e-5 * (1 + abs(numeric)):
@@ -645,7 +614,7 @@ def hidden_TransformerBlock(cls, seed: int = 51) -> None:
         count += 1
 
     for norm_first in (True, False):
-        case(15, 5, 7, 3, 7, norm_first=norm_first, activation="gelu", dtype=_t_float64, train=False, note=", odd sizes")
+        case(15, 5, 7, 3, 7, norm_first=norm_first, activation="gelu", dtype=F64, train=False, note=", odd sizes")
         case(6, 1, 4, 2, 5, norm_first=norm_first, note=", one head, d_ff < d_model")
         case(8, 2, 16, 2, 1, norm_first=norm_first, activation="gelu", note=", one token")
         fm = rng.normal(size=(5, 5)).astype(_f32).astype(_f64)
@@ -664,7 +633,7 @@ def hidden_TransformerBlock(cls, seed: int = 51) -> None:
         case(8, 2, 16, 2, 5, norm_first=norm_first, activation="gelu", scale=20.0, note=", large inputs")
         case(8, 2, 16, 2, 5, norm_first=norm_first, activation="gelu", scale=1e-3, shift=2.0, note=", nearly constant tokens")
     causal = _triu(_ones((5, 5), dtype=_np_bool), 1)
-    case(8, 2, 16, 2, 5, am=causal, causal=True, dtype=_t_float64, note=", is_causal=True with its causal mask")
+    case(8, 2, 16, 2, 5, am=causal, causal=True, dtype=F64, note=", is_causal=True with its causal mask")
 
     # last_attention belongs to the LAST call: a second call with another length must replace it.
     p = _random_params(rng, 8, 16)
@@ -713,10 +682,10 @@ def _causal_weights(rng, h: int, n: int, scale: float = 2.0, causal: bool = True
 
 
 def _score_result(fn, args: tuple, *, label: str, h: int, n: int, given: torch.Tensor) -> np.ndarray:
-    before = _clone(given)
+    before = R.clone(given)
     result = call(fn, *args, label=label)
     actual = to_float64(result, label=label)
-    if not _t_equal(given, before):
+    if not R.t_equal(given, before):
         raise CheckFailure(f"{label}: your function changed the weights in place; work on a copy.")
     shape = T._tuple(actual.shape)
     if shape != (h,):
@@ -756,13 +725,13 @@ def _prev_fingerprints(w: np.ndarray) -> dict:
     }
 
 
-def _check_prev_case(fn, w: np.ndarray, dtype=_t_float32, note: str = "") -> None:
+def _check_prev_case(fn, w: np.ndarray, dtype=F32, note: str = "") -> None:
     h, n, _ = w.shape
     label = f"previous_token_score(weights) with weights of shape {(h, n, n)}{note}"
-    given = _tensor(w, dtype)
+    given = R.tensor_of(w, dtype)
     actual = _score_result(fn, (given,), label=label, h=h, n=n, given=given)
     expected = _offset_mean(w, -1, 1)
-    atol = 1e-9 if dtype == _t_float64 else 1e-6
+    atol = 1e-9 if dtype == F64 else 1e-6
     expect_close(actual, expected, label=label, what="scores", atol=atol, fingerprints=_prev_fingerprints(w))
 
 
@@ -787,7 +756,7 @@ def hidden_previous_token_score(fn, seed: int = 52) -> None:
     _check_prev_case(fn, _causal_weights(rng, 3, 2), note=" (L = 2: one query counts)")
     _check_prev_case(fn, _causal_weights(rng, 1, 6), note=" (one head)")
     _check_prev_case(fn, _causal_weights(rng, 5, 6, causal=False), note=" (attention to every key, not causal)")
-    _check_prev_case(fn, _causal_weights(rng, 3, 9, causal=False), _t_float64, " (float64)")
+    _check_prev_case(fn, _causal_weights(rng, 3, 9, causal=False), F64, " (float64)")
     _check_prev_case(fn, _causal_weights(rng, 12, 12), note=" (H = L)")
     _check_prev_case(fn, _causal_weights(rng, 4, 64, scale=4.0), note=" (L = 64)")
     passed("previous_token_score", 6, hidden=True)
@@ -825,13 +794,13 @@ def _ind_fingerprints(w: np.ndarray, period: int) -> dict:
     }
 
 
-def _check_ind_case(fn, w: np.ndarray, period: int, dtype=_t_float32, note: str = "") -> None:
+def _check_ind_case(fn, w: np.ndarray, period: int, dtype=F32, note: str = "") -> None:
     h, n, _ = w.shape
     label = f"induction_score(weights, period={period}) with weights of shape {(h, n, n)}{note}"
-    given = _tensor(w, dtype)
+    given = R.tensor_of(w, dtype)
     actual = _score_result(fn, (given, period), label=label, h=h, n=n, given=given)
     expected = _offset_mean(w, 1 - period, period)
-    atol = 1e-9 if dtype == _t_float64 else 1e-6
+    atol = 1e-9 if dtype == F64 else 1e-6
     expect_close(actual, expected, label=label, what="scores", atol=atol, fingerprints=_ind_fingerprints(w, period))
 
 
@@ -861,7 +830,7 @@ def hidden_induction_score(fn, seed: int = 53) -> None:
     _check_ind_case(fn, _causal_weights(rng, 3, 8), 2, note=" (period 2)")
     _check_ind_case(fn, _causal_weights(rng, 2, 7), 6, note=" (period = L - 1: one query counts)")
     _check_ind_case(fn, _causal_weights(rng, 5, 10, causal=False), 4, note=" (attention to every key, not causal)")
-    _check_ind_case(fn, _causal_weights(rng, 4, 11), 5, _t_float64, " (float64, odd length)")
+    _check_ind_case(fn, _causal_weights(rng, 4, 11), 5, F64, " (float64, odd length)")
     _check_ind_case(fn, _causal_weights(rng, 6, 64, scale=4.0), 20, note=" (L = 64, period 20)")
     passed("induction_score", 6, hidden=True)
 

@@ -29,34 +29,16 @@ import textwrap
 import numpy as np
 import torch
 
+from autograder.checks import torch_refs as R
 from autograder.checks import trusted as T
 from autograder.checks.common import CheckFailure, call, diagnose, max_error, passed, show
+from autograder.checks.torch_refs import BF16, BOOL, F8, F16, F32, F64, I8
 
 # ---------------------------------------------------------------------------------------------
 # References captured at import time (a student cell may rebind torch or numpy attributes).
-_TB = torch._C.TensorBase
-_dtype_of = _TB.__dict__["dtype"].__get__
-_shape_of = _TB.__dict__["shape"].__get__
-_clone = _TB.clone
-_element_size = _TB.element_size
-_t_equal = torch.equal
+# Those most chapters share (R.dtype_of, R.MHA, R.module_load_state_dict, ...) are in torch_refs.
 _cat = torch.cat
-_empty = torch.empty
-_from_numpy = torch.from_numpy
-_MHA = torch.nn.MultiheadAttention
-_mha_forward = torch.nn.MultiheadAttention.forward
-_Module = torch.nn.Module
-_Linear = torch.nn.Linear
-_module_to = torch.nn.Module.to
-_module_train = torch.nn.Module.train
-_module_state_dict = torch.nn.Module.state_dict
-_module_load_state_dict = torch.nn.Module.load_state_dict
-_named_parameters = torch.nn.Module.named_parameters
-_fork_rng = torch.random.fork_rng
 _torch_dtype = torch.dtype
-F16, BF16, F32, F64, I8 = torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8
-F8 = getattr(torch, "float8_e4m3fn", None)
-BOOL = torch.bool
 
 _rng = np.random.default_rng
 _re_search = re.search
@@ -96,26 +78,14 @@ DIM_NAMES = {0: "batch", 1: "heads", 2: "time", 3: "head_dim"}
 # Small helpers
 
 
-def _tensor(a: np.ndarray, dtype) -> torch.Tensor:
-    """A fresh tensor of ``dtype`` holding ``a`` (rounded to ``dtype``)."""
-    return T._to(_from_numpy(T.np_array(a, copy=True)), dtype=dtype)
-
-
-def _rounded(a: np.ndarray, dtype) -> np.ndarray:
-    """``a`` rounded to ``dtype`` and widened back to float64: the exact values the student receives."""
-    return T.tensor_to_float64(_tensor(a, dtype))
-
-
-def _dname(dtype) -> str:
-    return _str(dtype).replace("torch.", "")
-
-
 def _as_result(result, *, label: str, what: str, dtype) -> np.ndarray:
     """A float64 copy of an exact ``torch.Tensor`` result of the expected dtype."""
     if not T.is_tensor(result):
         raise CheckFailure(f"{label}: the {what} should be a torch.Tensor, got {T.type_name(result)}.")
-    if dtype is not None and _dtype_of(result) != dtype:
-        raise CheckFailure(f"{label}: the {what} should keep the input's dtype {_dname(dtype)}, got {_dname(_dtype_of(result))}.")
+    if dtype is not None and R.dtype_of(result) != dtype:
+        raise CheckFailure(
+            f"{label}: the {what} should keep the input's dtype {R.dname(dtype)}, got {R.dname(R.dtype_of(result))}."
+        )
     return T.tensor_to_float64(result)
 
 
@@ -259,7 +229,7 @@ def _cache_len_mistakes(got: int, total: int, calls: int, shape: tuple) -> list[
 
 def _check_cache_run(cls, rng, b: int, h: int, d: int, sizes: list[int], dtype=F32, note: str = "") -> None:
     """Feed chunks of ``sizes`` tokens into a new cache; after each, check (k_all, v_all) and len."""
-    desc = f"chunks of {sizes} tokens, k and v (B, H, T, D) = ({b}, {h}, T, {d}), {_dname(dtype)}{note}"
+    desc = f"chunks of {sizes} tokens, k and v (B, H, T, D) = ({b}, {h}, T, {d}), {R.dname(dtype)}{note}"
     cache = call(cls, label=f"KVCache() [{desc}]")
     empty = _len_of(cache, label=f"len(KVCache()) of a new cache [{desc}]")
     if empty != 0:
@@ -271,10 +241,10 @@ def _check_cache_run(cls, rng, b: int, h: int, d: int, sizes: list[int], dtype=F
     for i, t in _enumerate(sizes):
         held = _sum(sizes[:i])
         label = f"cache.update(k, v) #{i + 1}: a chunk of {t} token(s) after {held} held [{desc}]"
-        k = _rounded(rng.normal(size=(b, h, t, d)), dtype)
-        v = _rounded(rng.normal(size=(b, h, t, d)) + 10.0, dtype)  # values far from keys: a swap is visible
-        kt, vt = _tensor(k, dtype), _tensor(v, dtype)
-        k_before, v_before = _clone(kt), _clone(vt)
+        k = R.rounded(rng.normal(size=(b, h, t, d)), dtype)
+        v = R.rounded(rng.normal(size=(b, h, t, d)) + 10.0, dtype)  # values far from keys: a swap is visible
+        kt, vt = R.tensor_of(k, dtype), R.tensor_of(v, dtype)
+        k_before, v_before = R.clone(kt), R.clone(vt)
         k_all, v_all = _pair(_call_update(cache, kt, vt, label), label=label, names="k_all, v_all")
         k_got = _as_result(k_all, label=label, what="k_all", dtype=dtype)
         v_got = _as_result(v_all, label=label, what="v_all", dtype=dtype)
@@ -285,7 +255,7 @@ def _check_cache_run(cls, rng, b: int, h: int, d: int, sizes: list[int], dtype=F
         _expect(
             v_got, v_want, label=label, what="v_all (every value held)", atol=0.0, fingerprints=_cache_fingerprints(vs, v, k_want)
         )
-        if not (_t_equal(kt, k_before) and _t_equal(vt, v_before)):
+        if not (R.t_equal(kt, k_before) and R.t_equal(vt, v_before)):
             raise CheckFailure(f"{label}: update changed the chunk it was given in place.")
         ks.append(k)
         vs.append(v)
@@ -307,13 +277,15 @@ def _check_cache_independent(cls, rng) -> None:
         n = _len_of(cache, label=label)
         if n != 0:
             raise CheckFailure(f"{label}: a new cache should hold 0 tokens, it holds {n}.\n  Likely mistake: {CACHE_SHARED}")
-    k = _rounded(rng.normal(size=(1, 2, 3, 4)), F32)
-    _call_update(a, _tensor(k, F32), _tensor(k + 1, F32), label)
+    k = R.rounded(rng.normal(size=(1, 2, 3, 4)), F32)
+    _call_update(a, R.tensor_of(k, F32), R.tensor_of(k + 1, F32), label)
     n = _len_of(other, label=label)
     if n != 0:
         raise CheckFailure(f"{label}: len(b) should be 0, got {n}.\n  Likely mistake: {CACHE_SHARED}")
-    k2 = _rounded(rng.normal(size=(1, 2, 1, 4)), F32)
-    k_all, _ = _pair(_call_update(other, _tensor(k2, F32), _tensor(k2 + 1, F32), label), label=label, names="k_all, v_all")
+    k2 = R.rounded(rng.normal(size=(1, 2, 1, 4)), F32)
+    k_all, _ = _pair(
+        _call_update(other, R.tensor_of(k2, F32), R.tensor_of(k2 + 1, F32), label), label=label, names="k_all, v_all"
+    )
     got = _as_result(k_all, label=label, what="k_all of b", dtype=F32)
     if T._tuple(got.shape) != (1, 2, 1, 4) or not _np_array_equal(got, k2):
         raise CheckFailure(
@@ -381,20 +353,6 @@ CACHE_API_HINT = (
 )
 
 
-def _mha_params(rng, e: int, bias: bool) -> dict:
-    """Parameters rounded to float32 (they travel through a float32 state dict), biases non-zero."""
-
-    def r(*shape, std=1.0):
-        return T.np_array(rng.normal(size=shape, scale=std).astype(_f32), dtype=_f64)
-
-    return {
-        "w_in": r(3 * e, e, std=1 / _sqrt(e)),
-        "b_in": r(3 * e, std=0.5) if bias else None,
-        "w_out": r(e, e, std=1 / _sqrt(e)),
-        "b_out": r(e, std=0.5) if bias else None,
-    }
-
-
 def _heads(p: dict, x: np.ndarray, h: int, variant: str = "", dtype=_f64) -> tuple:
     """Per-head queries, keys and values (B, H, N, D) of self-attention on x (B, N, E), or of a mistake."""
     x = T.np_array(x, dtype=dtype)
@@ -452,27 +410,13 @@ def _causal_oracle(p: dict, x: np.ndarray, h: int, variant: str = "", dtype=_f64
     return out
 
 
-def _torch_mha(e: int, h: int, bias: bool, p: dict, dtype=F32):
-    """A real nn.MultiheadAttention (batch_first) holding the parameters ``p``, in eval mode."""
-    with _fork_rng(devices=[]):
-        ref = _MHA(e, h, bias=bias, batch_first=True)
-    state = {"in_proj_weight": _tensor(p["w_in"], F32), "out_proj.weight": _tensor(p["w_out"], F32)}
-    if bias:
-        state["in_proj_bias"] = _tensor(p["b_in"], F32)
-        state["out_proj.bias"] = _tensor(p["b_out"], F32)
-    _module_load_state_dict(ref, state)
-    _module_train(ref, False)
-    _module_to(ref, dtype=dtype)
-    return ref
-
-
 def _torch_causal_reference(p: dict, x: np.ndarray, h: int, bias: bool) -> np.ndarray:
     """Full causal self-attention over x by PyTorch's own nn.MultiheadAttention, in float64."""
     b, n, e = T._tuple(x.shape)
-    ref = _torch_mha(e, h, bias, p, F64)
-    xt = _tensor(x, F64)
-    future = _tensor(_np_triu(_np_ones((n, n), dtype=_np_bool), 1), BOOL)  # True = not allowed
-    out, _ = _mha_forward(ref, xt, xt, xt, attn_mask=future, need_weights=False)
+    ref = R.torch_mha(e, h, bias, p, F64)
+    xt = R.tensor_of(x, F64)
+    future = R.tensor_of(_np_triu(_np_ones((n, n), dtype=_np_bool), 1), BOOL)  # True = not allowed
+    out, _ = R.mha_forward(ref, xt, xt, xt, attn_mask=future, need_weights=False)
     return T.tensor_to_float64(out)
 
 
@@ -493,12 +437,12 @@ class ReferenceKVCache:
             raise CheckFailure(
                 f"{self._label}: cache.update(k, v) got {T.type_name(t)} for {name}; it takes tensors (B, H, T, D)."
             )
-        shape = T._tuple(_shape_of(t))
+        shape = T._tuple(R.shape_of(t))
         if T._len(shape) == 4 and shape[0] == b and shape[1] == h and shape[3] == d:
-            if _dtype_of(t) != self._dtype:
+            if R.dtype_of(t) != self._dtype:
                 raise CheckFailure(
-                    f"{self._label}: cache.update got {name} of dtype {_dname(_dtype_of(t))}; keep the dtype of x_t "
-                    f"({_dname(self._dtype)})."
+                    f"{self._label}: cache.update got {name} of dtype {R.dname(R.dtype_of(t))}; keep the dtype of x_t "
+                    f"({R.dname(self._dtype)})."
                 )
             return shape
         e = h * d
@@ -520,19 +464,19 @@ class ReferenceKVCache:
             raise CheckFailure(f"{self._label}: cache.update(k, v) got k {sk} and v {sv}; they should have the same shape.")
         self.log.append((T.tensor_to_float64(k), T.tensor_to_float64(v)))
         if self._k is None:
-            self._k, self._v = _clone(k), _clone(v)
+            self._k, self._v = R.clone(k), R.clone(v)
         else:
             self._k, self._v = _cat([self._k, k], dim=2), _cat([self._v, v], dim=2)
         return self._k, self._v
 
     def __len__(self) -> int:
-        return 0 if self._k is None else _int(_shape_of(self._k)[2])
+        return 0 if self._k is None else _int(R.shape_of(self._k)[2])
 
 
 def _prefill(cache: ReferenceKVCache, p: dict, x: np.ndarray, h: int, dtype) -> None:
     """Put the keys and values of the prompt x (B, P, E) into ``cache``, as a prefill would."""
     _, kh, vh = _heads(p, x, h)
-    cache.update(_tensor(kh, dtype), _tensor(vh, dtype))
+    cache.update(R.tensor_of(kh, dtype), R.tensor_of(vh, dtype))
     cache.log.clear()
 
 
@@ -560,9 +504,9 @@ def _run_decode(
 ) -> None:
     """Decode ``steps`` tokens after a prompt of ``prompt`` tokens; compare every step with full causal attention."""
     d = e // h
-    p = _mha_params(rng, e, bias)
+    p = R.mha_params(rng, e, bias)
     n = prompt + steps
-    x = _rounded(rng.normal(size=(b, n, e), scale=scale), dtype)
+    x = R.rounded(rng.normal(size=(b, n, e), scale=scale), dtype)
     expected = _causal_oracle(p, x, h)
     if torch_reference:
         try:
@@ -580,9 +524,9 @@ def _run_decode(
         m: (lambda m=m: _heads(p, x, h, "" if m in ("q", "v") else m)[{"q": 0, "v": 2}.get(m, 1)]) for m in CHUNK_MISTAKES
     }
     atol = _step_atol(p, x, h, dtype)
-    mha = _torch_mha(e, h, bias, p, dtype)
-    weights_before = _clone(mha.in_proj_weight)
-    where = f"nn.MultiheadAttention({e}, {h}{'' if bias else ', bias=False'}, batch_first=True), B = {b}, {_dname(dtype)}"
+    mha = R.torch_mha(e, h, bias, p, dtype)
+    weights_before = R.clone(mha.in_proj_weight)
+    where = f"nn.MultiheadAttention({e}, {h}{'' if bias else ', bias=False'}, batch_first=True), B = {b}, {R.dname(dtype)}"
     start = f"a cache prefilled with a {prompt}-token prompt" if prompt else "an empty cache"
     cache = ReferenceKVCache(b, h, d, dtype, label=f"decode_step [{where}]")
     if prompt:
@@ -600,8 +544,8 @@ def _run_decode(
             f"decode_step(mha, x_t, cache) for the token at position {pos} after {start}, step {t + 1} of {steps} [{where}{note}]"
         )
         cache._label = label
-        x_t = _tensor(x[:, pos : pos + 1], dtype)
-        x_before = _clone(x_t)
+        x_t = R.tensor_of(x[:, pos : pos + 1], dtype)
+        x_before = R.clone(x_t)
         calls_before = T._len(cache.log)
         try:
             result = call(decode_step, mha, x_t, cache, label=label)
@@ -668,13 +612,13 @@ def _run_decode(
             atol=atol * 4,
             fingerprints={DECODE_MISTAKES[m]: (lambda m=m, pos=pos: variant(m)[:, pos : pos + 1]) for m in DECODE_MISTAKES},
         )
-        if not _t_equal(x_t, x_before):
+        if not R.t_equal(x_t, x_before):
             raise CheckFailure(f"{label}: decode_step changed x_t in place.")
     if T._len(cache) != n:
         raise CheckFailure(
             f"decode_step [{where}{note}]: after {steps} steps the cache should hold {n} tokens, it holds {T._len(cache)}."
         )
-    if not _t_equal(mha.in_proj_weight, weights_before):
+    if not R.t_equal(mha.in_proj_weight, weights_before):
         raise CheckFailure(
             f"decode_step [{where}{note}]: decode_step changed mha.in_proj_weight in place; leave the layer as it is."
         )
@@ -798,9 +742,9 @@ def _gqa_label(e: int, h: int, kv: int, bias: bool | None) -> str:
 def _build_gqa(cls, e: int, h: int, kv: int, bias: bool | None, p: dict | None, dtype=F32):
     """Construct the student's layer, check its projections, load ``p`` into it."""
     label = _gqa_label(e, h, kv, bias)
-    with _fork_rng(devices=[]):
+    with R.fork_rng(devices=[]):
         module = call(cls, e, h, kv, label=label) if bias is None else call(cls, e, h, kv, bias=bias, label=label)
-    if not _isinstance(module, _Module):
+    if not _isinstance(module, R.Module):
         raise CheckFailure(
             f"{label}: should be an nn.Module (class GroupedQueryAttention(nn.Module)), got {T.type_name(module)}."
         )
@@ -814,7 +758,7 @@ def _build_gqa(cls, e: int, h: int, kv: int, bias: bool | None, p: dict | None, 
     want = {"q_proj": (e, e), "k_proj": (e, kv * d), "v_proj": (e, kv * d), "out_proj": (e, e)}
     for name, (fan_in, fan_out) in want.items():
         layer = _getattr(module, name, None)
-        if not _isinstance(layer, _Linear):
+        if not _isinstance(layer, R.Linear):
             raise CheckFailure(f"{label}: self.{name} should be an nn.Linear({fan_in}, {fan_out}), got {T.type_name(layer)}.")
         if (layer.in_features, layer.out_features) != (fan_in, fan_out):
             hint = ""
@@ -834,19 +778,19 @@ def _build_gqa(cls, e: int, h: int, kv: int, bias: bool | None, p: dict | None, 
                     f"self.{name} has a bias."
                 )
             raise CheckFailure(f"{label}: self.{name} should {'have' if has_bias else 'have no'} bias (bias={bias}).")
-    names = {k for k, _ in _named_parameters(module)}
+    names = {k for k, _ in R.named_parameters(module)}
     expected_names = {f"{n}.{w}" for n in want for w in (("weight", "bias") if has_bias else ("weight",))}
     if names != expected_names:
         raise CheckFailure(f"{label}: the layer's parameters should be exactly {sorted(expected_names)}; got {sorted(names)}.")
     if p is not None:
         state = {}
         for name, (w, b) in p.items():
-            state[f"{name}.weight"] = _tensor(w, F32)
+            state[f"{name}.weight"] = R.tensor_of(w, F32)
             if b is not None:
-                state[f"{name}.bias"] = _tensor(b, F32)
+                state[f"{name}.bias"] = R.tensor_of(b, F32)
         try:
-            _module_load_state_dict(module, state, strict=False)
-            _module_to(module, dtype=dtype)
+            R.module_load_state_dict(module, state, strict=False)
+            R.module_to(module, dtype=dtype)
         except Exception as exc:  # noqa: BLE001
             raise CheckFailure(f"{label}: loading weights into the projections failed: {exc}") from None
     return module
@@ -855,15 +799,15 @@ def _build_gqa(cls, e: int, h: int, kv: int, bias: bool | None, p: dict | None, 
 def _run_gqa(cls, rng, e, h, kv, b, n, *, causal=False, bias=False, dtype=F32, scale=1.0, default_call=False, note=""):
     p = _gqa_params(rng, e, h, kv, bias)
     module = _build_gqa(cls, e, h, kv, bias, p, dtype)
-    x = _rounded(rng.normal(size=(b, n, e), scale=scale), dtype)
-    xt = _tensor(x, dtype)
-    before = _clone(xt)
+    x = R.rounded(rng.normal(size=(b, n, e), scale=scale), dtype)
+    xt = R.tensor_of(x, dtype)
+    before = R.clone(xt)
     kind = {1: "MQA", h: "MHA"}.get(kv, f"GQA, {h // kv} query heads per KV head")
     call_desc = "(x)" if default_call else f"(x, is_causal={causal})"
-    label = f"{_gqa_label(e, h, kv, bias)}{call_desc} with x of shape {(b, n, e)} [{kind}, {_dname(dtype)}{note}]"
+    label = f"{_gqa_label(e, h, kv, bias)}{call_desc} with x of shape {(b, n, e)} [{kind}, {R.dname(dtype)}{note}]"
     result = call(module, xt, label=label) if default_call else call(module, xt, is_causal=causal, label=label)
     out = _as_result(result, label=label, what="output", dtype=dtype)
-    if not _t_equal(xt, before):
+    if not R.t_equal(xt, before):
         raise CheckFailure(f"{label}: the layer changed its input in place.")
     expected = _gqa_oracle(p, x, h, kv, causal)
     if dtype == F64:
@@ -878,7 +822,7 @@ def _run_gqa(cls, rng, e, h, kv, b, n, *, causal=False, bias=False, dtype=F32, s
 def _check_gqa_raises(cls, e: int, h: int, kv: int) -> None:
     label = _gqa_label(e, h, kv, None)
     try:
-        with _fork_rng(devices=[]):
+        with R.fork_rng(devices=[]):
             cls(e, h, kv)
     except ValueError:
         return
@@ -937,7 +881,7 @@ def hidden_GroupedQueryAttention(cls, seed: int = 65) -> None:
 
 
 def _itemsize(dtype) -> int:
-    return _int(_element_size(_empty((), dtype=dtype)))
+    return _int(R.element_size(R.t_empty((), dtype=dtype)))
 
 
 def _bytes_candidates(b: int, s: int, n_layers: int, kv: int, d: int, size: int) -> dict:
@@ -1013,7 +957,7 @@ def _check_bytes_case(fn, b: int, s: int, n_layers: int, kv: int, d: int, dtype,
         return
     lines = [
         f"{label}: expected {want:,} bytes, got {got:,}.",
-        f"  expected = 2 (K and V) * batch * seq_len * num_layers * num_kv_heads * head_dim * {size} bytes per {_dname(dtype)} element",
+        f"  expected = 2 (K and V) * batch * seq_len * num_layers * num_kv_heads * head_dim * {size} bytes per {R.dname(dtype)} element",
     ]
     mistakes = _bytes_mistakes(fn, (b, s, n_layers, kv, d, dtype), got)
     if T._len(mistakes) == 1:

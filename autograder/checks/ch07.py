@@ -34,45 +34,22 @@ import timeit
 import numpy as np
 import torch
 
+from autograder.checks import torch_refs as R
 from autograder.checks import trusted as T
 from autograder.checks.common import CheckFailure, call, diagnose, max_error, passed, show
+from autograder.checks.torch_refs import BF16, BOOL, F8, F16, F32, F64
 
 # ---------------------------------------------------------------------------------------------
 # References captured at import time (a student cell may rebind torch, numpy, time or builtins).
-_TB = torch._C.TensorBase
-_dtype_of = _TB.__dict__["dtype"].__get__
-_shape_of = _TB.__dict__["shape"].__get__
-_clone = _TB.clone
-_element_size = _TB.element_size
-_t_equal = torch.equal
-_empty = torch.empty
+# Those most chapters share (R.dtype_of, R.MHA, R.module_load_state_dict, ...) are in torch_refs.
 _zeros = torch.zeros
-_from_numpy = torch.from_numpy
 _make_subclass = torch.Tensor._make_subclass
 _Tensor = torch.Tensor
-_MHA = torch.nn.MultiheadAttention
-_mha_forward = torch.nn.MultiheadAttention.forward
-_Module = torch.nn.Module
-_Linear = torch.nn.Linear
-_module_to = torch.nn.Module.to
-_module_train = torch.nn.Module.train
-_module_state_dict = torch.nn.Module.state_dict
-_module_load_state_dict = torch.nn.Module.load_state_dict
-_named_parameters = torch.nn.Module.named_parameters
-_fork_rng = torch.random.fork_rng
-_no_grad = torch.no_grad
 _enable_grad = torch.enable_grad
-_autograd_grad = torch.autograd.grad
-_t_mul = torch.mul
-_t_sum = torch.sum
-_requires_grad_of = _TB.__dict__["requires_grad"].__get__
-_requires_grad = _TB.requires_grad_
+_requires_grad_of = R.TB.__dict__["requires_grad"].__get__
 _TorchFunctionMode = torch.overrides.TorchFunctionMode
 _cuda = torch.cuda
 _device = torch.device
-F16, BF16, F32, F64, I8 = torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8
-F8 = getattr(torch, "float8_e4m3fn", None)
-BOOL = torch.bool
 
 _time_module = time
 _timeit_module = timeit
@@ -118,20 +95,6 @@ _sorted = sorted
 _list = list
 _id = id
 _RuntimeError = RuntimeError
-
-
-def _dname(dtype) -> str:
-    return _str(dtype).replace("torch.", "")
-
-
-def _tensor(a: np.ndarray, dtype) -> torch.Tensor:
-    """A fresh tensor of ``dtype`` holding ``a`` (rounded to ``dtype``)."""
-    return T._to(_from_numpy(T.np_array(a, copy=True)), dtype=dtype)
-
-
-def _rounded(a: np.ndarray, dtype) -> np.ndarray:
-    """``a`` rounded to ``dtype`` and widened back to float64: the exact values the student receives."""
-    return T.tensor_to_float64(_tensor(a, dtype))
 
 
 # =============================================================================================
@@ -637,17 +600,8 @@ SOFTMAX_OPS = {"softmax", "_softmax", "log_softmax"}
 
 
 def _mha_params(rng, e: int, bias: bool) -> dict:
-    """Parameters rounded to float32 (they travel through a float32 state dict), biases non-zero."""
-
-    def r(*shape, std=1.0):
-        return T.np_array(rng.normal(size=shape, scale=std).astype(_f32), dtype=_f64)
-
-    return {
-        "w_in": r(3 * e, e, std=1.2 / _sqrt(e)),
-        "b_in": r(3 * e, std=0.5) if bias else None,
-        "w_out": r(e, e, std=1 / _sqrt(e)),
-        "b_out": r(e, std=0.5) if bias else None,
-    }
+    """Parameters rounded to float32, biases non-zero; the input projection a little larger than chapter 6's."""
+    return R.mha_params(rng, e, bias, in_gain=1.2)
 
 
 def _softmax_allowed(scores: np.ndarray, allowed: np.ndarray | None, additive: np.ndarray | None) -> np.ndarray:
@@ -713,20 +667,6 @@ def _fused_oracle(
     return out
 
 
-def _torch_mha(e: int, h: int, bias: bool, p: dict, dtype=F32):
-    """A real nn.MultiheadAttention (batch_first) holding the parameters ``p``, in eval mode."""
-    with _fork_rng(devices=[]):
-        ref = _MHA(e, h, bias=bias, batch_first=True)
-    state = {"in_proj_weight": _tensor(p["w_in"], F32), "out_proj.weight": _tensor(p["w_out"], F32)}
-    if bias:
-        state["in_proj_bias"] = _tensor(p["b_in"], F32)
-        state["out_proj.bias"] = _tensor(p["b_out"], F32)
-    _module_load_state_dict(ref, state)
-    _module_train(ref, False)
-    _module_to(ref, dtype=dtype)
-    return ref
-
-
 class _OpRecorder(_TorchFunctionMode):
     """Records the name of every torch function the forward pass calls at its own level."""
 
@@ -746,9 +686,9 @@ def _fused_label(e: int, h: int, bias: bool | None) -> str:
 def _build_fused(cls, e: int, h: int, bias: bool | None, p: dict | None, dtype=F32):
     """Construct the student's layer, check its parameters, load ``p`` from a real nn.MultiheadAttention."""
     label = _fused_label(e, h, bias)
-    with _fork_rng(devices=[]):
+    with R.fork_rng(devices=[]):
         module = call(cls, e, h, label=label) if bias is None else call(cls, e, h, bias=bias, label=label)
-    if not _isinstance(module, _Module):
+    if not _isinstance(module, R.Module):
         raise CheckFailure(
             f"{label}: should be an nn.Module (class FusedMultiHeadAttention(nn.Module)), got {T.type_name(module)}."
         )
@@ -756,7 +696,7 @@ def _build_fused(cls, e: int, h: int, bias: bool | None, p: dict | None, dtype=F
     want = {"in_proj_weight": (3 * e, e), "out_proj.weight": (e, e)}
     if has_bias:
         want.update({"in_proj_bias": (3 * e,), "out_proj.bias": (e,)})
-    got = {k: T._tuple(_shape_of(v)) for k, v in _named_parameters(module)}
+    got = {k: T._tuple(R.shape_of(v)) for k, v in R.named_parameters(module)}
     if got != want:
         hint = ""
         if _any(k.startswith(("q_proj", "k_proj", "v_proj")) for k in got):
@@ -769,19 +709,19 @@ def _build_fused(cls, e: int, h: int, bias: bool | None, p: dict | None, dtype=F
         raise CheckFailure(
             f"{label}: the parameters should be {{name: shape}} = {want} (nn.MultiheadAttention's), got {got}.{hint}"
         )
-    if not _isinstance(_getattr(module, "out_proj", None), _Linear):
+    if not _isinstance(_getattr(module, "out_proj", None), R.Linear):
         raise CheckFailure(f"{label}: self.out_proj should be an nn.Linear({e}, {e}), got {T.type_name(module.out_proj)}.")
     if p is not None:
-        ref = _torch_mha(e, h, has_bias, p)
+        ref = R.torch_mha(e, h, has_bias, p)
         try:
-            _module_load_state_dict(module, _module_state_dict(ref), strict=True)
+            R.module_load_state_dict(module, R.module_state_dict(ref), strict=True)
         except Exception as exc:  # noqa: BLE001
             raise CheckFailure(f"{label}: load_state_dict(nn.MultiheadAttention(...).state_dict()) failed: {exc}") from None
-        _module_train(module, False)
+        R.module_train(module, False)
         try:
-            _module_to(module, dtype=dtype)
+            R.module_to(module, dtype=dtype)
         except Exception as exc:  # noqa: BLE001
-            raise CheckFailure(f"{label}: module.to({_dname(dtype)}) failed: {exc}") from None
+            raise CheckFailure(f"{label}: module.to({R.dname(dtype)}) failed: {exc}") from None
     return module
 
 
@@ -826,21 +766,21 @@ def _mask_np(rng, shape: tuple) -> np.ndarray:
 def _run_fused(cls, rng, e, h, b, n, *, bias=True, dtype=F32, mask=None, causal=False, default_call=False, scale=1.0, note=""):
     p = _mha_params(rng, e, bias)
     module = _build_fused(cls, e, h, bias, p, dtype)
-    x = _rounded(rng.normal(size=(b, n, e), scale=scale), dtype)
-    xt = _tensor(x, dtype)
-    before = _clone(xt)
+    x = R.rounded(rng.normal(size=(b, n, e), scale=scale), dtype)
+    xt = R.tensor_of(x, dtype)
+    before = R.clone(xt)
     mask_t = None
     mask_desc = ""
     if mask is not None:
-        mask_t = _tensor(mask, BOOL) if mask.dtype == _np_bool else _tensor(mask, dtype)
+        mask_t = R.tensor_of(mask, BOOL) if mask.dtype == _np_bool else R.tensor_of(mask, dtype)
         mask_desc = f", attn_mask {('bool' if mask.dtype == _np_bool else 'float')} {T._tuple(mask.shape)}"
     if default_call:
         desc = "(x)"
     else:
         desc = f"(x{', attn_mask=mask' if mask is not None else ''}, is_causal={causal})"
-    label = f"{_fused_label(e, h, bias)}{desc} with x of shape {(b, n, e)} [{_dname(dtype)}{mask_desc}{note}]"
+    label = f"{_fused_label(e, h, bias)}{desc} with x of shape {(b, n, e)} [{R.dname(dtype)}{mask_desc}{note}]"
     recorder = _OpRecorder()
-    with _no_grad():
+    with R.no_grad():
         with recorder:
             if default_call:
                 result = call(module, xt, label=label)
@@ -848,12 +788,14 @@ def _run_fused(cls, rng, e, h, b, n, *, bias=True, dtype=F32, mask=None, causal=
                 result = call(module, xt, attn_mask=mask_t, is_causal=causal, label=label)
     if not T.is_tensor(result):
         raise CheckFailure(f"{label}: should return a torch.Tensor (B, L, E), got {T.type_name(result)}.")
-    if _dtype_of(result) != dtype:
-        raise CheckFailure(f"{label}: the output should keep the input's dtype {_dname(dtype)}, got {_dname(_dtype_of(result))}.")
+    if R.dtype_of(result) != dtype:
+        raise CheckFailure(
+            f"{label}: the output should keep the input's dtype {R.dname(dtype)}, got {R.dname(R.dtype_of(result))}."
+        )
     out = T.tensor_to_float64(result)
-    if not _t_equal(xt, before):
+    if not R.t_equal(xt, before):
         raise CheckFailure(f"{label}: the layer changed its input in place.")
-    mask_np = None if mask is None else (mask if mask.dtype == _np_bool else _rounded(mask, dtype))
+    mask_np = None if mask is None else (mask if mask.dtype == _np_bool else R.rounded(mask, dtype))
     expected = _fused_oracle(p, x, h, mask=mask_np, causal=causal)
     if dtype == F64:
         atol = 1e-9
@@ -861,12 +803,12 @@ def _run_fused(cls, rng, e, h, b, n, *, bias=True, dtype=F32, mask=None, causal=
         err = max_error(T.np_array(_fused_oracle(p, x, h, mask=mask_np, causal=causal, dtype=_f32), dtype=_f64), expected)
         atol = max(4e-5, 16 * err)
     else:  # half precision: twice PyTorch's own nn.MultiheadAttention error at this dtype, plus a margin
-        ref = _torch_mha(e, h, bias, p, dtype)
-        ref_mask = _tensor(_np_triu(_np_ones((n, n), dtype=_np_bool), 1), BOOL) if causal else None  # True = not allowed
+        ref = R.torch_mha(e, h, bias, p, dtype)
+        ref_mask = R.tensor_of(_np_triu(_np_ones((n, n), dtype=_np_bool), 1), BOOL) if causal else None  # True = not allowed
         if mask is not None:
-            ref_mask = _tensor(~mask, BOOL) if mask.dtype == _np_bool else mask_t
-        with _no_grad():
-            ref_out, _ = _mha_forward(ref, xt, xt, xt, attn_mask=ref_mask, need_weights=False)
+            ref_mask = R.tensor_of(~mask, BOOL) if mask.dtype == _np_bool else mask_t
+        with R.no_grad():
+            ref_out, _ = R.mha_forward(ref, xt, xt, xt, attn_mask=ref_mask, need_weights=False)
         atol = 2 * max_error(T.tensor_to_float64(ref_out), expected) + 2e-2
     if T._tuple(out.shape) != (b, n, e):
         raise CheckFailure(f"{label}: the output should have shape {(b, n, e)}, got {T._tuple(out.shape)}.")
@@ -895,7 +837,7 @@ def _run_fused(cls, rng, e, h, b, n, *, bias=True, dtype=F32, mask=None, causal=
 def _expect_value_error(make, label: str, why: str, otherwise: str = "") -> None:
     """``make()`` must raise ValueError (``why`` says why); anything else fails with a message."""
     try:
-        with _fork_rng(devices=[]):
+        with R.fork_rng(devices=[]):
             make()
     except ValueError:
         return
@@ -915,19 +857,19 @@ def _check_fused_gradients(cls, rng, e: int = 8, h: int = 2, b: int = 2, n: int 
     """Training needs gradients: those of the layer's parameters and input equal nn.MultiheadAttention's (float64)."""
     p = _mha_params(rng, e, True)
     module = _build_fused(cls, e, h, True, p, F64)
-    ref = _torch_mha(e, h, True, p, F64)
+    ref = R.torch_mha(e, h, True, p, F64)
     label = f"{_fused_label(e, h, True)}(x, is_causal=True) with x of shape {(b, n, e)} [float64, gradients of a weighted sum]"
-    weights = _tensor(rng.normal(size=(b, n, e)), F64)
-    future = _tensor(_np_triu(_np_ones((n, n), dtype=_np_bool), 1), BOOL)
+    weights = R.tensor_of(rng.normal(size=(b, n, e)), F64)
+    future = R.tensor_of(_np_triu(_np_ones((n, n), dtype=_np_bool), 1), BOOL)
     x_np = rng.normal(size=(b, n, e))
     grads = {}
     for name, layer in (("yours", module), ("reference", ref)):
-        x = _requires_grad(_tensor(x_np, F64), True)
+        x = R.requires_grad_(R.tensor_of(x_np, F64), True)
         with _enable_grad():
             if name == "yours":
                 out = call(layer, x, is_causal=True, label=label)
             else:
-                out, _ = _mha_forward(layer, x, x, x, attn_mask=future, need_weights=False)
+                out, _ = R.mha_forward(layer, x, x, x, attn_mask=future, need_weights=False)
             if not T.is_tensor(out) or not _requires_grad_of(out):
                 raise CheckFailure(
                     f"{label}: the output does not require grad, so no gradient reaches the parameters. "
@@ -935,7 +877,7 @@ def _check_fused_gradients(cls, rng, e: int = 8, h: int = 2, b: int = 2, n: int 
                     "a layer must stay differentiable so that it can be trained."
                 )
             params = [layer.in_proj_weight, layer.in_proj_bias, layer.out_proj.weight, x]
-            grads[name] = _autograd_grad(_t_sum(_t_mul(out, weights)), params, allow_unused=True)
+            grads[name] = R.autograd_grad(R.t_sum(R.t_mul(out, weights)), params, allow_unused=True)
     names = ["in_proj_weight", "in_proj_bias", "out_proj.weight", "x"]
     for what, got, want in zip(names, grads["yours"], grads["reference"], strict=True):
         if got is None:
@@ -1095,7 +1037,7 @@ def hidden_attention_flops(fn) -> None:
 
 
 def _itemsize(dtype) -> int:
-    return _int(_element_size(_empty((), dtype=dtype)))
+    return _int(R.element_size(R.t_empty((), dtype=dtype)))
 
 
 def _naive_candidates(b: int, h: int, L: int, S: int, size: int) -> dict:
@@ -1140,7 +1082,7 @@ def _check_bytes_case(fn, b: int, h: int, L: int, S: int, dtype, note: str = "")
         return
     lines = [
         f"{label}: expected {want:,} bytes, got {got:,}.",
-        f"  expected = 2 (scores and weights) * batch * heads * L * S * {size} bytes per {_dname(dtype)} element",
+        f"  expected = 2 (scores and weights) * batch * heads * L * S * {size} bytes per {R.dname(dtype)} element",
     ]
     found = [m for m, v in _naive_candidates(b, h, L, S, size).items() if v == got]
     if _len(found) > 1:  # several mistakes explain this value: keep those that also explain a probe with distinct sizes

@@ -28,8 +28,10 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from autograder.checks import torch_refs as R
 from autograder.checks import trusted as T
 from autograder.checks.common import CheckFailure, call, diagnose, max_error, passed, show
+from autograder.checks.torch_refs import BF16, F16, F32, F64
 
 # Triton decorates its own library functions (tl.zeros, ...) when it is imported, for the
 # interpreter or for the compiler depending on TRITON_INTERPRET at that moment. Without a CUDA GPU
@@ -47,18 +49,11 @@ _environ_get = os.environ.get
 
 # ---------------------------------------------------------------------------------------------
 # References captured at import time (a student cell may rebind torch or numpy attributes).
-_TB = torch._C.TensorBase
-_dtype_of = _TB.__dict__["dtype"].__get__
-_shape_of = _TB.__dict__["shape"].__get__
-_numel = _TB.numel
-_clone = _TB.clone
-_t_equal = torch.equal
-_from_numpy = torch.from_numpy
-_sdpa = torch.nn.functional.scaled_dot_product_attention
+# Those most chapters share (R.dtype_of, R.MHA, R.module_load_state_dict, ...) are in torch_refs.
+_numel = R.TB.numel
 _cuda_available = torch.cuda.is_available
 _TorchDispatchMode = TorchDispatchMode
 _tree_leaves = torch.utils._pytree.tree_leaves
-F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 
 _rng = np.random.default_rng
 _np_matmul = np.matmul
@@ -115,10 +110,6 @@ BOUNDARY = (
 USED_TORCH = "flash_attention must compute attention in the Triton kernel, not call PyTorch's SDPA"
 NO_KERNEL = "flash_attention did not launch a Triton kernel"
 FULL_MATRIX = "tiled_attention created a tensor as large as the whole (L, S) score matrix"
-
-
-def _dname(dtype) -> str:
-    return _str(dtype).replace("torch.", "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,9 +174,9 @@ def _online_loop(q, k, v, vis, scale: float, S: int, block: int, mistake: str) -
 def _sdpa64(q, k, v, causal: bool) -> np.ndarray:
     """PyTorch's SDPA in float64 with an explicit bottom-right causal mask."""
     L, S = q.shape[-2], k.shape[-2]
-    mask = _from_numpy(_visible(L, S, causal)) if causal else None
-    args = [_from_numpy(T.np_array(a, dtype=_f64)) for a in (q, k, v)]
-    return T.tensor_to_float64(_sdpa(*args, attn_mask=mask))
+    mask = R.from_numpy(_visible(L, S, causal)) if causal else None
+    args = [R.from_numpy(T.np_array(a, dtype=_f64)) for a in (q, k, v)]
+    return T.tensor_to_float64(R.sdpa(*args, attn_mask=mask))
 
 
 def _sdpa_error(q, k, v, causal: bool, dtype, expected: np.ndarray) -> float:
@@ -193,22 +184,13 @@ def _sdpa_error(q, k, v, causal: bool, dtype, expected: np.ndarray) -> float:
     if dtype == F64:
         return 0.0
     L, S = q.shape[-2], k.shape[-2]
-    mask = _from_numpy(_visible(L, S, causal)) if causal else None
-    args = [_tensor(a, dtype) for a in (q, k, v)]
+    mask = R.from_numpy(_visible(L, S, causal)) if causal else None
+    args = [R.tensor_of(a, dtype) for a in (q, k, v)]
     try:
-        got = T.tensor_to_float64(_sdpa(*args, attn_mask=mask))
+        got = T.tensor_to_float64(R.sdpa(*args, attn_mask=mask))
     except RuntimeError:  # an SDPA backend without this dtype on this device
-        got = T.tensor_to_float64(_sdpa(*[T._to(a, dtype=F32) for a in args], attn_mask=mask))
+        got = T.tensor_to_float64(R.sdpa(*[T._to(a, dtype=F32) for a in args], attn_mask=mask))
     return max_error(got, expected)
-
-
-def _tensor(a: np.ndarray, dtype, device="cpu") -> torch.Tensor:
-    return T._to(_from_numpy(T.np_array(a, dtype=_f64, copy=True)), device=device, dtype=dtype)
-
-
-def _rounded(a: np.ndarray, dtype) -> np.ndarray:
-    """``a`` rounded to ``dtype`` and widened back: the exact values the student receives."""
-    return T.tensor_to_float64(_tensor(a, dtype))
 
 
 def _atol(dtype, base_error: float, scale: float) -> float:
@@ -240,18 +222,18 @@ def _compare(got, expected, *, label: str, what: str, atol: float, fingerprints:
 def _as_tensor(result, *, label: str, what: str, dtype=None, shape=None) -> np.ndarray:
     if not T.is_tensor(result):
         raise CheckFailure(f"{label}: the {what} should be a torch.Tensor, got {T.type_name(result)}.")
-    if dtype is not None and _dtype_of(result) not in (dtype if _isinstance(dtype, tuple) else (dtype,)):
-        wanted = " or ".join(_dname(d) for d in (dtype if _isinstance(dtype, tuple) else (dtype,)))
-        raise CheckFailure(f"{label}: the {what} should be {wanted}, got {_dname(_dtype_of(result))}.")
-    if shape is not None and T._tuple(_shape_of(result)) != T._tuple(shape):
-        raise CheckFailure(f"{label}: the {what} should have shape {T._tuple(shape)}, got {T._tuple(_shape_of(result))}.")
+    if dtype is not None and R.dtype_of(result) not in (dtype if _isinstance(dtype, tuple) else (dtype,)):
+        wanted = " or ".join(R.dname(d) for d in (dtype if _isinstance(dtype, tuple) else (dtype,)))
+        raise CheckFailure(f"{label}: the {what} should be {wanted}, got {R.dname(R.dtype_of(result))}.")
+    if shape is not None and T._tuple(R.shape_of(result)) != T._tuple(shape):
+        raise CheckFailure(f"{label}: the {what} should have shape {T._tuple(shape)}, got {T._tuple(R.shape_of(result))}.")
     return T.tensor_to_float64(result)
 
 
 def _inputs(rng, lead: tuple, L: int, S: int, d: int, dtype, scale: float = 1.0, dv: int | None = None):
-    q = _rounded(rng.normal(size=lead + (L, d), scale=scale), dtype)
-    k = _rounded(rng.normal(size=lead + (S, d), scale=scale), dtype)
-    v = _rounded(rng.normal(size=lead + (S, dv or d)), dtype)
+    q = R.rounded(rng.normal(size=lead + (L, d), scale=scale), dtype)
+    k = R.rounded(rng.normal(size=lead + (S, d), scale=scale), dtype)
+    v = R.rounded(rng.normal(size=lead + (S, dv or d)), dtype)
     return q, k, v
 
 
@@ -275,7 +257,7 @@ class _Recorder(_TorchDispatchMode):
             if _isinstance(leaf, T.Tensor):
                 n = _numel(leaf)
                 if n > self.largest:
-                    self.largest, self.largest_shape = n, T._tuple(_shape_of(leaf))
+                    self.largest, self.largest_shape = n, T._tuple(R.shape_of(leaf))
         return out
 
 
@@ -343,11 +325,11 @@ def _tiled_prints(q, k, v, causal: bool, block: int) -> dict:
 
 def _check_tiled(fn, q, k, v, *, causal: bool, block: int | None, dtype, note: str = "", memory: bool = False) -> None:
     L, S = q.shape[-2], k.shape[-2]
-    where = f"q {T._tuple(q.shape)}, k {T._tuple(k.shape)}, v {T._tuple(v.shape)}, {_dname(dtype)}"
+    where = f"q {T._tuple(q.shape)}, k {T._tuple(k.shape)}, v {T._tuple(v.shape)}, {R.dname(dtype)}"
     args_text = f"block_size={block}, " if block is not None else ""
     label = f"tiled_attention(q, k, v, {args_text}causal={causal}) [{where}{note}]"
-    qt, kt, vt = (_tensor(a, dtype) for a in (q, k, v))
-    before = [_clone(t) for t in (qt, kt, vt)]
+    qt, kt, vt = (R.tensor_of(a, dtype) for a in (q, k, v))
+    before = [R.clone(t) for t in (qt, kt, vt)]
     kwargs = {"causal": causal} if block is None else {"block_size": block, "causal": causal}
     recorder = _Recorder()
     with recorder:
@@ -375,7 +357,7 @@ def _check_tiled(fn, q, k, v, *, causal: bool, block: int | None, dtype, note: s
         lse, exp_lse, label=label, what=f"logsumexp (shape {T._tuple(q.shape[:-1])})", atol=lse_atol, fingerprints=lse_prints
     )
     for name, t, b in zip(("q", "k", "v"), (qt, kt, vt), before, strict=True):
-        if not _t_equal(t, b):
+        if not R.t_equal(t, b):
             raise CheckFailure(f"{label}: tiled_attention changed its input {name} in place.")
     if memory and recorder.largest >= L * S:  # memory cases have no leading dimensions
         raise CheckFailure(
@@ -410,9 +392,9 @@ def hidden_tiled_attention(fn, seed: int = 81) -> None:
         count += 1
 
     # rising scores: the max grows in every tile, so every rescaling matters
-    q = _rounded(rng.normal(size=(2, 6, 8)), F64)
-    k = _rounded(rng.normal(size=(2, 20, 8)) + _np_arange(20)[None, :, None] * 0.4, F64)
-    case((q, k, _rounded(rng.normal(size=(2, 20, 3)), F64)), causal=False, block=4, dtype=F64,
+    q = R.rounded(rng.normal(size=(2, 6, 8)), F64)
+    k = R.rounded(rng.normal(size=(2, 20, 8)) + _np_arange(20)[None, :, None] * 0.4, F64)
+    case((q, k, R.rounded(rng.normal(size=(2, 20, 3)), F64)), causal=False, block=4, dtype=F64,
          note=", key scores rising tile by tile, Dv = 3")  # fmt: skip
     case(_inputs(rng, (2, 2), 9, 33, 16, F32, scale=4.0), causal=True, block=8, dtype=F32, note=", scores near 60, causal")
     case(_inputs(rng, (3,), 12, 5, 8, F64), causal=True, block=2, dtype=F64,
@@ -459,12 +441,12 @@ def _device() -> str:
 def _check_flash(fn, q, k, v, *, causal: bool, dtype, note: str = "", default_call: bool = False) -> None:
     B, H, L, d = q.shape
     device = _device()
-    where = f"q {T._tuple(q.shape)}, k and v {T._tuple(k.shape)}, {_dname(dtype)}, {device}"
+    where = f"q {T._tuple(q.shape)}, k and v {T._tuple(k.shape)}, {R.dname(dtype)}, {device}"
     label = f"flash_attention(q, k, v{'' if default_call else f', causal={causal}'}) [{where}{note}]"
     if _Interpreted is None:
         raise CheckFailure(f"{label}: Triton is not installed in this environment (pip install triton).")
-    qt, kt, vt = (_tensor(a, dtype, device) for a in (q, k, v))
-    before = [_clone(t) for t in (qt, kt, vt)]
+    qt, kt, vt = (R.tensor_of(a, dtype, device) for a in (q, k, v))
+    before = [R.clone(t) for t in (qt, kt, vt)]
     recorder = _Recorder()
     with _LaunchCounter() as launches, recorder:
         result = call(fn, qt, kt, vt, label=label) if default_call else call(fn, qt, kt, vt, causal=causal, label=label)
@@ -484,7 +466,7 @@ def _check_flash(fn, q, k, v, *, causal: bool, dtype, note: str = "", default_ca
     out = _as_tensor(result, label=label, what="output", dtype=dtype, shape=(B, H, L, d))
     _compare(out, expected, label=label, what="output", atol=atol, fingerprints=_flash_prints(q, k, v, causal))
     for name, t, b in zip(("q", "k", "v"), (qt, kt, vt), before, strict=True):
-        if not _t_equal(t, b):
+        if not R.t_equal(t, b):
             raise CheckFailure(f"{label}: flash_attention changed its input {name} in place.")
 
 
@@ -516,9 +498,9 @@ def hidden_flash_attention(fn, seed: int = 83) -> None:
     case(_inputs(rng, (1, 2), 40, 23, 32, F32), causal=True, dtype=F32,
          note=", causal with L > S: the first 17 queries see no key (zero output)")  # fmt: skip
     case(_inputs(rng, (2, 1), 21, 46, 16, F32, scale=3.0), causal=True, dtype=F32, note=", causal with L < S, scores near 150")
-    k_rising = _rounded(rng.normal(size=(1, 1, 48, 16)) + _np_arange(48)[None, None, :, None] * 0.3, F32)
-    q_all = _rounded(rng.normal(size=(1, 1, 20, 16)), F32)
-    case((q_all, k_rising, _rounded(rng.normal(size=(1, 1, 48, 16)), F32)), causal=False, dtype=F32,
+    k_rising = R.rounded(rng.normal(size=(1, 1, 48, 16)) + _np_arange(48)[None, None, :, None] * 0.3, F32)
+    q_all = R.rounded(rng.normal(size=(1, 1, 20, 16)), F32)
+    case((q_all, k_rising, R.rounded(rng.normal(size=(1, 1, 48, 16)), F32)), causal=False, dtype=F32,
          note=", key scores rising tile by tile")  # fmt: skip
     case(_inputs(rng, (1, 2), 33, 33, 32, F16), causal=True, dtype=F16, note=", float16")
     case(_inputs(rng, (1, 1), 24, 17, 64, F32), causal=False, dtype=F32, note=", D = 64")

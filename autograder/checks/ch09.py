@@ -42,32 +42,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from autograder.checks import torch_refs as R
 from autograder.checks import trusted as T
 from autograder.checks.common import CheckFailure, call, diagnose, max_error, passed, show
+from autograder.checks.torch_refs import BOOL, F32, F64
 
 # ---------------------------------------------------------------------------------------------
 # References captured at import time (a student cell may rebind torch, numpy or os attributes).
-_TB = torch._C.TensorBase
-_dtype_of = _TB.__dict__["dtype"].__get__
-_clone = _TB.clone
-_t_equal = torch.equal
-_from_numpy = torch.from_numpy
-_no_grad = torch.no_grad
+# Those most chapters share (R.dtype_of, R.MHA, R.module_load_state_dict, ...) are in torch_refs.
 _set_num_threads = torch.set_num_threads
-_Module = torch.nn.Module
-_MHA = torch.nn.MultiheadAttention
-_module_to = torch.nn.Module.to
 _module_eval = torch.nn.Module.eval
-_module_state_dict = torch.nn.Module.state_dict
-_module_load_state_dict = torch.nn.Module.load_state_dict
-_named_parameters = torch.nn.Module.named_parameters
-_fork_rng = torch.random.fork_rng
 _all_reduce = dist.all_reduce
 _init_pg = dist.init_process_group
 _is_initialized = dist.is_initialized
 _FileStore = dist.FileStore
 _ReduceOp = dist.ReduceOp
-F32, F64, BOOL = torch.float32, torch.float64, torch.bool
 
 _rng = np.random.default_rng
 _np_exp = np.exp
@@ -128,18 +117,6 @@ DEADLOCK = (
 )
 
 
-def _dname(dtype) -> str:
-    return _str(dtype).replace("torch.", "")
-
-
-def _tensor(a: np.ndarray, dtype) -> torch.Tensor:
-    return T._to(_from_numpy(T.np_array(a, copy=True)), dtype=dtype)
-
-
-def _rounded(a: np.ndarray, dtype) -> np.ndarray:
-    return T.tensor_to_float64(_tensor(a, dtype))
-
-
 # ---------------------------------------------------------------------------------------------
 # Weights and the head-by-head slicing
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +129,7 @@ def _params(rng, e: int, bias: bool, dtype=F32) -> dict:
     if bias:
         p["in_proj_bias"] = rng.normal(size=3 * e, scale=0.5)
         p["out_proj.bias"] = rng.normal(size=e, scale=0.5)
-    return {k: _rounded(v, dtype) for k, v in p.items()}
+    return {k: R.rounded(v, dtype) for k, v in p.items()}
 
 
 def _features(heads, d: int) -> np.ndarray:
@@ -248,14 +225,14 @@ SHARD_MISTAKES = {
 
 def _state_dict(params: dict, dtype, e: int, h: int, real_module: bool) -> dict:
     """The state dict handed to the student: a real ``nn.MultiheadAttention``'s, or a plain dict."""
-    tensors = {k: _tensor(v, dtype) for k, v in params.items()}
+    tensors = {k: R.tensor_of(v, dtype) for k, v in params.items()}
     if not real_module:
         return tensors
-    with _fork_rng(devices=[]):
-        module = _MHA(e, h, bias="in_proj_bias" in params, batch_first=True)
-    _module_to(module, dtype=dtype)
-    _module_load_state_dict(module, tensors)
-    return _module_state_dict(module)
+    with R.fork_rng(devices=[]):
+        module = R.MHA(e, h, bias="in_proj_bias" in params, batch_first=True)
+    R.module_to(module, dtype=dtype)
+    R.module_load_state_dict(module, tensors)
+    return R.module_state_dict(module)
 
 
 def _check_shard_case(fn, rng, e: int, h: int, p: int, *, bias=True, dtype=F32, real_module=True, note="") -> int:
@@ -263,11 +240,11 @@ def _check_shard_case(fn, rng, e: int, h: int, p: int, *, bias=True, dtype=F32, 
     count = 0
     for r in _range(p - 1, -1, -1):  # the last rank first: on rank 0 several mistakes cut the same rows
         sd = _state_dict(params, dtype, e, h, real_module)
-        before = {k: _clone(v) for k, v in sd.items()}
-        label = f"shard_heads(state_dict of a ({e}, {h}) layer{'' if bias else ' without bias'}, rank={r}, world_size={p}, num_heads={h}) [{_dname(dtype)}{note}]"
+        before = {k: R.clone(v) for k, v in sd.items()}
+        label = f"shard_heads(state_dict of a ({e}, {h}) layer{'' if bias else ' without bias'}, rank={r}, world_size={p}, num_heads={h}) [{R.dname(dtype)}{note}]"
         result = call(fn, sd, r, p, h, label=label)
         for k, v in before.items():
-            if not _t_equal(sd[k], v):
+            if not R.t_equal(sd[k], v):
                 raise CheckFailure(f"{label}: changed state_dict[{k!r}] in place; return new tensors instead.")
         _compare_shard(result, params, r, p, h, dtype, label)
         count += 1
@@ -291,8 +268,8 @@ def _compare_shard(result, params: dict, r: int, p: int, h: int, dtype, label: s
         v = result[k]
         if not T.is_tensor(v):
             raise CheckFailure(f"{label}: shard[{k!r}] should be a torch.Tensor, got {T.type_name(v)}.")
-        if _dtype_of(v) != dtype:
-            raise CheckFailure(f"{label}: shard[{k!r}] should keep the dtype {_dname(dtype)}, got {_dname(_dtype_of(v))}.")
+        if R.dtype_of(v) != dtype:
+            raise CheckFailure(f"{label}: shard[{k!r}] should keep the dtype {R.dname(dtype)}, got {R.dname(R.dtype_of(v))}.")
         got[k] = T.tensor_to_float64(v)
     bad = [k for k in want if T._tuple(got[k].shape) != T._tuple(want[k].shape) or not _np_array_equal(got[k], want[k])]
     if not bad:
@@ -329,7 +306,7 @@ def _compare_shard(result, params: dict, r: int, p: int, h: int, dtype, label: s
 
 def _expect_value_error(fn_or_cls, args: tuple, label: str, why: str, kwargs: dict | None = None) -> None:
     try:
-        with _fork_rng(devices=[]):
+        with R.fork_rng(devices=[]):
             fn_or_cls(*args, **(kwargs or {}))
     except ValueError:
         return
@@ -527,18 +504,18 @@ def _rank_body(cls, jobs: list, r: int, p: int) -> list:
 def _run_layer_on_rank(cls, job: dict, r: int, p: int) -> np.ndarray:
     e, h, bias, dtype = job["e"], job["h"], job["bias"], job["dtype"]
     label = job["ctor"].format(r=r)
-    with _fork_rng(devices=[]):
+    with R.fork_rng(devices=[]):
         if bias is None:
             layer = call(cls, e, h, r, p, label=label)
         else:
             layer = call(cls, e, h, r, p, bias=bias, label=label)
-    if not _isinstance(layer, _Module):
+    if not _isinstance(layer, R.Module):
         raise CheckFailure(f"{label}: should build an nn.Module (class ...(nn.Module)), got {T.type_name(layer)}.")
     n = e // p
     want = {"in_proj_weight": (3 * n, e), "out_proj.weight": (e, n)}
     if bias is not False:
         want.update({"in_proj_bias": (3 * n,), "out_proj.bias": (e,)})
-    got = {k: T._tuple(v.shape) for k, v in _named_parameters(layer)}
+    got = {k: T._tuple(v.shape) for k, v in R.named_parameters(layer)}
     if got != want:
         hint = ""
         if got.get("in_proj_weight") == (3 * e, e):
@@ -551,36 +528,36 @@ def _run_layer_on_rank(cls, job: dict, r: int, p: int) -> np.ndarray:
             f"{label}: the parameters should be exactly {want} (name: shape); got {got}. Name them as nn.MultiheadAttention "
             f"does so that load_state_dict(shard_heads(...)) works.{hint}"
         )
-    shard = {k: _tensor(v, dtype) for k, v in job["shards"][r].items()}
+    shard = {k: R.tensor_of(v, dtype) for k, v in job["shards"][r].items()}
     try:
-        _module_to(layer, dtype=dtype)
-        _module_load_state_dict(layer, shard)
+        R.module_to(layer, dtype=dtype)
+        R.module_load_state_dict(layer, shard)
         _module_eval(layer)
     except Exception as exc:  # noqa: BLE001
         raise CheckFailure(f"{label}: load_state_dict(shard) failed: {exc}") from None
-    args = [_tensor(job["inputs"][0], dtype)]
+    args = [R.tensor_of(job["inputs"][0], dtype)]
     kwargs = {}
     for name, value in job["kwargs"].items():
         kwargs[name] = (
             value
             if not _isinstance(value, np.ndarray)
-            else (_tensor(value, BOOL) if value.dtype == _np_bool else _tensor(value, dtype))
+            else (R.tensor_of(value, BOOL) if value.dtype == _np_bool else R.tensor_of(value, dtype))
         )
     for extra in job["inputs"][1:]:
-        args.append(_tensor(extra, dtype))
-    before = [_clone(a) for a in args]
+        args.append(R.tensor_of(extra, dtype))
+    before = [R.clone(a) for a in args]
     call_label = f"{label}{job['call']} on rank {r} of {p}"
-    with _no_grad():
+    with R.no_grad():
         result = call(layer, *args, label=call_label, **kwargs)
     if not T.is_tensor(result):
         hint = " (return only the output tensor, not a tuple with weights)" if T._type(result) in (tuple, list) else ""
         raise CheckFailure(f"{call_label}: should return a torch.Tensor{hint}, got {T.type_name(result)}.")
-    if _dtype_of(result) != dtype:
+    if R.dtype_of(result) != dtype:
         raise CheckFailure(
-            f"{call_label}: the output should keep the input's dtype {_dname(dtype)}, got {_dname(_dtype_of(result))}."
+            f"{call_label}: the output should keep the input's dtype {R.dname(dtype)}, got {R.dname(R.dtype_of(result))}."
         )
     for a, b in zip(args, before, strict=True):
-        if not _t_equal(a, b):
+        if not R.t_equal(a, b):
             raise CheckFailure(f"{call_label}: the layer changed its input in place.")
     return T.tensor_to_float64(result)
 
@@ -716,7 +693,7 @@ def _run_threads(p: int, body) -> list[dict]:
 
     def fake_all_reduce(tensor, op=_ReduceOp.SUM, group=None, async_op=False):
         r = _thread_rank.r
-        slots[r] = _clone(tensor)
+        slots[r] = R.clone(tensor)
         barrier.wait()
         total = slots[0]
         for other in slots[1:]:
@@ -770,9 +747,9 @@ def _case(rng, e, h, p, b, lq, *, ls=None, bias=True, dtype=F32, cross=False, mo
     """A job: weights, shards, inputs, the call and its float64 expectation."""
     params = _params(rng, e, bias is not False, dtype)
     ls = lq if ls is None else ls
-    query = _rounded(rng.normal(size=(b, lq, e), scale=scale), dtype)
-    key = _rounded(rng.normal(size=(b, ls, e), scale=scale), dtype) if cross else query
-    value = _rounded(rng.normal(size=(b, ls, e), scale=scale), dtype) if cross and mode != "query_key" else key
+    query = R.rounded(rng.normal(size=(b, lq, e), scale=scale), dtype)
+    key = R.rounded(rng.normal(size=(b, ls, e), scale=scale), dtype) if cross else query
+    value = R.rounded(rng.normal(size=(b, ls, e), scale=scale), dtype) if cross and mode != "query_key" else key
     inputs, call_text = [query], "(x"
     if mode == "cross":
         inputs += [key, value]
@@ -796,7 +773,7 @@ def _case(rng, e, h, p, b, lq, *, ls=None, bias=True, dtype=F32, cross=False, mo
         case["attn_mask"] = am
         call_text += ", attn_mask=<bool (L, S), True = not allowed>"
     if "float_attn" in masks:
-        am = _rounded(rng.normal(size=(lq, ls)), dtype)
+        am = R.rounded(rng.normal(size=(lq, ls)), dtype)
         kwargs["attn_mask"] = am
         case["attn_mask"] = am
         call_text += ", attn_mask=<float (L, S), added to the scores>"
@@ -813,7 +790,7 @@ def _case(rng, e, h, p, b, lq, *, ls=None, bias=True, dtype=F32, cross=False, mo
     inputs_desc = f"x of shape {(b, lq, e)}" if mode == "self" else f"query {(b, lq, e)}, key/value {(b, ls, e)}"
     return {
         "e": e, "h": h, "bias": bias, "dtype": dtype, "shards": shards, "inputs": inputs, "kwargs": kwargs,
-        "call": call_text, "ctor": ctor, "params": params, "case": case, "desc": f"{inputs_desc}, {_dname(dtype)}",
+        "call": call_text, "ctor": ctor, "params": params, "case": case, "desc": f"{inputs_desc}, {R.dname(dtype)}",
     }  # fmt: skip
 
 
