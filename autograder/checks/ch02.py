@@ -24,7 +24,7 @@ from autograder.checks.torch_refs import BF16, BOOL, F16, F32, F64
 
 # ---------------------------------------------------------------------------------------------
 # References captured at import time (a student cell may rebind torch or numpy attributes).
-# Those most chapters share (R.dtype_of, R.MHA, R.module_load_state_dict, ...) are in torch_refs.
+# Those most chapters share are in torch_refs (R.dtype_of, R.MHA, ...) and trusted (T.np_where, ...).
 _device_of = R.TB.__dict__["device"].__get__
 _to = R.TB.to
 _detach = R.TB.detach
@@ -41,23 +41,10 @@ LOW = (F16, BF16)
 CPU = torch.device("cpu")
 
 _np_matmul = np.matmul
-_np_swapaxes = np.swapaxes
-_np_where = np.where
-_np_exp = np.exp
 _np_sum = np.sum
-_np_max = np.max
-_np_abs = np.abs
-_np_isnan = np.isnan
-_np_isfinite = np.isfinite
-_np_any = np.any
-_np_all = np.all
 _np_broadcast_to = np.broadcast_to
-_np_array_equal = np.array_equal
 _np_sqrt = np.sqrt
-_np_arange = np.arange
 _np_nan_to_num = np.nan_to_num
-_np_ones = np.ones
-_np_zeros = np.zeros
 _isinstance = T._isinstance
 _int = int
 _list = list
@@ -92,11 +79,11 @@ def _expect_tensor(result, *, label: str, what: str) -> torch.Tensor:
 
 def _softmax64(s: np.ndarray, axis: int = -1) -> np.ndarray:
     """Softmax in float64 where a slice that is entirely -inf gets zero weights."""
-    m = _np_max(s, axis=axis, keepdims=True)
-    m = _np_where(_np_isfinite(m), m, 0.0)
-    e = _np_exp(s - m)
+    m = T.np_max(s, axis=axis, keepdims=True)
+    m = T.np_where(T.np_isfinite(m), m, 0.0)
+    e = T.np_exp(s - m)
     total = _np_sum(e, axis=axis, keepdims=True)
-    return e / _np_where(total == 0.0, 1.0, total)
+    return e / T.np_where(total == 0.0, 1.0, total)
 
 
 def _unpack_pair(result, *, label: str) -> tuple:
@@ -130,7 +117,7 @@ def _fail(label: str, what: str, actual, expected, atol: float, mistake: str | N
 
 
 def _scores64(q: np.ndarray, k: np.ndarray, scale: float) -> np.ndarray:
-    return _np_matmul(q, _np_swapaxes(k, -1, -2)) * scale
+    return _np_matmul(q, T.np_swapaxes(k, -1, -2)) * scale
 
 
 def _attend64(q, k, v, mask, *, scale=None, axis=-1, mask_rule="before"):
@@ -138,7 +125,7 @@ def _attend64(q, k, v, mask, *, scale=None, axis=-1, mask_rule="before"):
     d = q.shape[-1]
     s = _scores64(q, k, (1.0 / _np_sqrt(d)) if scale is None else scale)
     if mask is not None and mask_rule == "before":
-        s = _np_where(mask, s, -np.inf)
+        s = T.np_where(mask, s, -np.inf)
     elif mask is not None and mask_rule == "multiply":
         s = s * mask
     w = _softmax64(s, axis)
@@ -181,8 +168,8 @@ def _sdpa_fingerprints(q, k, v, mask) -> dict:
 def _fully_masked_rows(mask_full: np.ndarray | None, shape: tuple) -> np.ndarray:
     """Boolean (..., L) of the queries that may attend to no key."""
     if mask_full is None:
-        return _np_zeros(shape[:-1], dtype=bool)
-    return ~_np_any(_np_broadcast_to(mask_full, shape), axis=-1)
+        return T.np_zeros(shape[:-1], dtype=bool)
+    return ~T.np_any(_np_broadcast_to(mask_full, shape), axis=-1)
 
 
 def _eps(dtype) -> float:
@@ -215,10 +202,10 @@ def _ref_weights_error(q64, k64, mask, dtype, expected_w, live_rows) -> float:
     d = q64.shape[-1]
     s = _np_matmul(
         q64.astype(np.float32 if work == F32 else np.float64),
-        _np_swapaxes(k64, -1, -2).astype(np.float32 if work == F32 else np.float64),
+        T.np_swapaxes(k64, -1, -2).astype(np.float32 if work == F32 else np.float64),
     ) * (1.0 / _np_sqrt(d))
     if mask is not None:
-        s = _np_where(mask, s, -np.inf)
+        s = T.np_where(mask, s, -np.inf)
     w = _softmax64(s.astype(np.float64)).astype(np.float32 if work == F32 else np.float64)
     w = _as64(R.tensor_of(w, dtype))
     return max_error(w[live_rows], expected_w[live_rows]) if expected_w[live_rows].size else 0.0
@@ -242,7 +229,7 @@ def _check_sdpa_case(sdpa, q, k, v, mask=None, dtype=F64, note: str = "") -> Non
 
     for name, a, before in zip(("q", "k", "v", "mask"), args, given, strict=False):
         now = _as64(a) if R.dtype_of(a) != BOOL else _as_bool(a)
-        if not _np_array_equal(now, before, equal_nan=R.dtype_of(a) != BOOL):
+        if not T.np_array_equal(now, before, equal_nan=R.dtype_of(a) != BOOL):
             raise CheckFailure(f"{label}: your function changed its input `{name}` in place; work on new tensors.")
 
     exp_out, exp_w = _attend64(q64, k64, v64, mask)
@@ -268,12 +255,12 @@ def _check_sdpa_case(sdpa, q, k, v, mask=None, dtype=F64, note: str = "") -> Non
     dead = _fully_masked_rows(mask, exp_w.shape)  # (..., L): queries with no visible key
     live = ~dead
     work = F32 if dtype in LOW else dtype
-    s_max = float(_np_max(_np_abs(_scores64(q64, k64, 1.0 / _np_sqrt(q64.shape[-1])))))
-    v_max = float(_np_max(_np_abs(v64))) if v64.size else 0.0
+    s_max = float(T.np_max(T.np_abs(_scores64(q64, k64, 1.0 / _np_sqrt(q64.shape[-1])))))
+    v_max = float(T.np_max(T.np_abs(v64))) if v64.size else 0.0
     conditioning = 4 * _eps(work) * (1.0 + s_max)
     base_out = _sdpa_baseline_error(qt, kt, vt, mask, exp_out, live)
     base_w = _ref_weights_error(q64, k64, mask, dtype, exp_w, live)
-    tol_out = 2 * base_out + _eps(dtype) * float(_np_max(_np_abs(exp_out), initial=0.0)) + conditioning * v_max
+    tol_out = 2 * base_out + _eps(dtype) * float(T.np_max(T.np_abs(exp_out), initial=0.0)) + conditioning * v_max
     tol_w = 2 * base_w + _eps(dtype) + conditioning
 
     # 1. Queries that see at least one key: weights, then output.
@@ -282,7 +269,7 @@ def _check_sdpa_case(sdpa, q, k, v, mask=None, dtype=F64, note: str = "") -> Non
         g, e = got[live], exp[live]
         if _close(g, e, tol):
             continue
-        scale = max(1.0, float(_np_max(_np_abs(e), initial=0.0)))
+        scale = max(1.0, float(T.np_max(T.np_abs(e), initial=0.0)))
         diag_atol = max(tol, 2e-5 * scale)
         cands = {}
         for m, f in prints.items():  # only mistakes that this input tells apart from the right answer
@@ -319,22 +306,22 @@ def _check_sdpa_case(sdpa, q, k, v, mask=None, dtype=F64, note: str = "") -> Non
     # 2. Queries whose keys are all masked: zero weights and a zero output, not NaN.
     if dead.any():
         g_w, g_out = got_w[dead], got_out[dead]
-        if _np_isnan(g_w).any() or _np_isnan(g_out).any():
+        if T.np_isnan(g_w).any() or T.np_isnan(g_out).any():
             raise CheckFailure(
                 f"{label}: {int(dead.sum())} quer{'y' if dead.sum() == 1 else 'ies'} whose keys are all masked got NaN "
                 "instead of zero weights and a zero output.\n"
                 "  Likely mistake: softmax over a row that is all -inf is 0/0 = NaN. After the softmax, set the weights of "
                 "such rows to 0 (e.g. torch.where(mask.any(-1, keepdim=True), weights, 0.0))."
             )
-        if not _close(g_w, _np_zeros(g_w.shape), tol_w):
+        if not _close(g_w, T.np_zeros(g_w.shape), tol_w):
             mistake = None
-            if _close(g_w, _np_ones(g_w.shape) / S, max(tol_w, 1e-3)):
+            if _close(g_w, T.np_ones(g_w.shape) / S, max(tol_w, 1e-3)):
                 mistake = (
                     "a query with every key masked got uniform weights 1/S, so it averages keys it must not see: "
                     "a finite fill such as -1e9 (or finfo.min) does that. Fill with -inf and give such rows zero weights."
                 )
             _fail(label, "weights for the queries whose keys are all masked (they should be 0)", g_w, 0.0 * g_w, tol_w, mistake)
-        if not _close(g_out, _np_zeros(g_out.shape), tol_out):
+        if not _close(g_out, T.np_zeros(g_out.shape), tol_out):
             _fail(label, "output for the queries whose keys are all masked (it should be 0)", g_out, 0.0 * g_out, tol_out, None)
 
 
@@ -360,11 +347,11 @@ def _rng(seed: int) -> np.random.Generator:
 
 
 def _causal64(L: int, S: int) -> np.ndarray:
-    return _np_arange(S)[None, :] <= _np_arange(L)[:, None] + (S - L)
+    return T.np_arange(S)[None, :] <= T.np_arange(L)[:, None] + (S - L)
 
 
 def _padding64(lengths, S: int) -> np.ndarray:
-    return _np_arange(S)[None, :] < np.asarray(lengths)[:, None]
+    return T.np_arange(S)[None, :] < np.asarray(lengths)[:, None]
 
 
 def _shared_offset(rng, batch: tuple, L: int, S: int, d: int, dv: int, offset: float, noise: float = 1.5):
@@ -469,7 +456,7 @@ def hidden_scaled_dot_product_attention(sdpa, seed: int = 20) -> None:
         rng.normal(size=(2, 3, 4)),
         rng.normal(size=(2, 5, 4)),
         rng.normal(size=(2, 5, 4)),
-        _np_zeros((3, 5), dtype=bool),
+        T.np_zeros((3, 5), dtype=bool),
         F32,
         " (every key masked)",
     )
@@ -502,7 +489,7 @@ def _expect_mask(result, expected: np.ndarray, *, label: str, fingerprints: dict
             hint = " (the transpose)"
         raise CheckFailure(f"{label}: the {what} should have shape {T._tuple(expected.shape)}, got {shape}{hint}.")
     actual = _as_bool(got)
-    if _np_array_equal(actual, expected):
+    if T.np_array_equal(actual, expected):
         return
     mistake = None
     for name, make in fingerprints.items():
@@ -510,7 +497,7 @@ def _expect_mask(result, expected: np.ndarray, *, label: str, fingerprints: dict
             cand = np.asarray(make(), dtype=bool)
         except Exception:  # noqa: BLE001  (a fingerprint that does not apply)
             continue
-        if cand.shape == actual.shape and _np_array_equal(actual, cand):
+        if cand.shape == actual.shape and T.np_array_equal(actual, cand):
             mistake = name
             break
     wrong = int((actual != expected).sum())
@@ -525,7 +512,7 @@ def _expect_mask(result, expected: np.ndarray, *, label: str, fingerprints: dict
 
 
 def _causal_fingerprints(L: int, S: int) -> dict:
-    i, j = _np_arange(L)[:, None], _np_arange(S)[None, :]
+    i, j = T.np_arange(L)[:, None], T.np_arange(S)[None, :]
     return {
         "top-left aligned (j <= i), which is what is_causal=True does in PyTorch; here the last query lines up with "
         "the last key: query i sees key j iff j <= i + (S - L)": lambda: j <= i,
@@ -582,7 +569,7 @@ def hidden_causal_mask(causal_mask, seed: int = 21) -> None:
 
 
 def _padding_fingerprints(lengths: np.ndarray, S: int) -> dict:
-    j, n = _np_arange(S)[None, :], lengths[:, None]
+    j, n = T.np_arange(S)[None, :], lengths[:, None]
     return {
         "inverted: True must mark the real tokens (j < length), False the padding": lambda: ~(j < n),
         "off by one: position j is real iff j < length (positions count from 0), not j <= length": lambda: j <= n,
@@ -601,7 +588,7 @@ def _check_padding_case(padding_mask, lengths, S: int, note: str = "") -> None:
     given = _list(lengths) if _isinstance(lengths, _list) else _as64(lengths)
     result = call(padding_mask, lengths, S, label=label)
     now = _list(lengths) if _isinstance(lengths, _list) else _as64(lengths)
-    if not (now == given if _isinstance(lengths, _list) else _np_array_equal(now, given)):
+    if not (now == given if _isinstance(lengths, _list) else T.np_array_equal(now, given)):
         raise CheckFailure(f"{label}: your function changed `lengths` in place.")
     _expect_mask(result, _padding64(values, S), label=label, fingerprints=_padding_fingerprints(values, S))
 

@@ -34,17 +34,9 @@ _dict = builtins.dict
 
 _np_sin = np.sin
 _np_cos = np.cos
-_np_exp = np.exp
-_np_arange = np.arange
 _np_power = np.power
-_np_where = np.where
 _np_empty = np.empty
-_np_concatenate = np.concatenate
-_np_swapaxes = np.swapaxes
 _np_broadcast_to = np.broadcast_to
-_np_array_equal = np.array_equal
-_np_float32 = np.float32
-_np_default_rng = np.random.default_rng
 
 _Module = nn.Module
 _Linear = nn.Linear
@@ -83,14 +75,14 @@ def _pe64(
     start: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The encoding matrix in float64, or one of its common wrong variants: (pe, angle of each entry)."""
-    pos = _np_arange(start, start + L, dtype=np.float64)[:, None]
-    i = _np_arange(d // 2, dtype=np.float64)
+    pos = T.np_arange(start, start + L, dtype=np.float64)[:, None]
+    i = T.np_arange(d // 2, dtype=np.float64)
     exponent = {"2i": 2 * i / d, "i": i / d}[pair_exponent]
     freq = _np_power(PE_BASE, -exponent) if divide else _np_power(PE_BASE, exponent)
     ang = pos * freq[None, :]
     first, second = (_np_cos(ang), _np_sin(ang)) if swap else (_np_sin(ang), _np_cos(ang))
     if layout == "concatenated":
-        return _np_concatenate([first, second], axis=1), _np_concatenate([ang, ang], axis=1)
+        return T.np_concat([first, second], axis=1), T.np_concat([ang, ang], axis=1)
     pe = _np_empty((L, d), dtype=np.float64)
     angles = _np_empty((L, d), dtype=np.float64)
     pe[:, 0::2], pe[:, 1::2] = first, second
@@ -100,8 +92,8 @@ def _pe64(
 
 def _pe_own_index64(L: int, d: int) -> tuple[np.ndarray, np.ndarray]:
     """Every column j uses its own exponent j/d_model (odd columns get (2i+1)/d_model)."""
-    pos = _np_arange(L, dtype=np.float64)[:, None]
-    j = _np_arange(d, dtype=np.float64)
+    pos = T.np_arange(L, dtype=np.float64)[:, None]
+    j = T.np_arange(d, dtype=np.float64)
     ang = pos * _np_power(PE_BASE, -j / d)[None, :]
     pe = _np_sin(ang)
     pe[:, 1::2] = _np_cos(ang[:, 1::2])
@@ -250,8 +242,8 @@ def _softmax_np(s: np.ndarray, axis: int) -> np.ndarray:
     """Softmax in float64; a slice that is all -inf comes out NaN (0/0), as in PyTorch."""
     with T.np_errstate(all="ignore"):
         m = s.max(axis=axis, keepdims=True)
-        m = _np_where(T.np_isfinite(m), m, 0.0)
-        e = _np_exp(s - m)
+        m = T.np_where(T.np_isfinite(m), m, 0.0)
+        e = T.np_exp(s - m)
         return e / e.sum(axis=axis, keepdims=True)
 
 
@@ -281,22 +273,22 @@ def _sa64(
     }
     q, k, v = proj[q_from](), proj[k_from](), proj[v_from]()
     with T.np_errstate(all="ignore"):
-        s = q @ _np_swapaxes(k, -1, -2) * scale
+        s = q @ T.np_swapaxes(k, -1, -2) * scale
         if transpose_scores:
-            s = _np_swapaxes(s, -1, -2)
+            s = T.np_swapaxes(s, -1, -2)
         m = None
         if mask is not None:
             m = _np_broadcast_to(mask, s.shape)
             if invert:
                 m = ~m
             if not after:
-                s = _np_where(m, s, fill)
+                s = T.np_where(m, s, fill)
         w = _softmax_np(s, axis)
         if m is not None:
             if after:
                 w = w * m
             elif full_rows == "zero":
-                w = _np_where(m.any(axis=-1, keepdims=True), w, 0.0)
+                w = T.np_where(m.any(axis=-1, keepdims=True), w, 0.0)
         return w @ v, w
 
 
@@ -459,8 +451,8 @@ def _sa_case(
 ) -> tuple:
     """Run one case; returns (module, x tensor, P, dk, dv) for further checks."""
     module, ctor, dk, dv = _build(cls, d_model, d_k, d_v, bias)
-    rng = _np_default_rng(seed)
-    np_dtype = _np_float32 if dtype == "float32" else np.float64
+    rng = T.default_rng(seed)
+    np_dtype = T.np_float32 if dtype == "float32" else np.float64
     P = _Params(rng, d_model, dk, dv, bool(bias), gain, np_dtype)
     _load(module, P, _float32 if dtype == "float32" else _float64)
     x = (rng.normal(size=(B, L, d_model)) * x_scale).astype(np_dtype)
@@ -501,7 +493,7 @@ def _sa_case(
         if "Likely mistake" not in message:
             message += _extra_diagnosis(module, x, w, out, mask, label)
         raise CheckFailure(message) from None
-    if not _np_array_equal(T.tensor_to_float64(x_t), x64):
+    if not T.np_array_equal(T.tensor_to_float64(x_t), x64):
         raise CheckFailure(f"{label}: forward changed its input x in place; work on new tensors.")
     return module, x_t, P, dk, dv
 
@@ -515,7 +507,7 @@ def _extra_diagnosis(module: nn.Module, x: np.ndarray, w: np.ndarray, out: np.nd
         )
     if mask is not None or x.shape[1] < 2:
         return ""
-    perm = _np_arange(x.shape[1])[::-1].copy()
+    perm = T.np_arange(x.shape[1])[::-1].copy()
     try:
         out2, w2 = _unpack(call(module, _t_from_numpy(x[:, perm].copy()), label=label), label)
         out2, w2 = T.tensor_to_float64(out2), T.tensor_to_float64(w2)
@@ -538,7 +530,7 @@ def _check_nan_rows(label: str, w: np.ndarray, out: np.ndarray, mask, exp_w: np.
         return
     nan_rows = T.np_isnan(w).any(axis=-1) | T.np_isnan(out).any(axis=-1)
     if (nan_rows & full).any():
-        b, i = (int(a[0]) for a in _np_where(nan_rows & full))
+        b, i = (int(a[0]) for a in T.np_where(nan_rows & full))
         raise CheckFailure(
             f"{label}: query {i} of batch {b} has every key masked, and its weights came back as NaN: {show(w[b, i])}.\n"
             "  Likely mistake: NaN on a fully masked row. softmax of a row that is all -inf is 0/0 = NaN; a query that may "
@@ -549,12 +541,12 @@ def _check_nan_rows(label: str, w: np.ndarray, out: np.ndarray, mask, exp_w: np.
 def _check_equivariance(cls, *, B: int, L: int, d_model: int, seed: int, dtype: str = "float64") -> None:
     """Permuting the rows of x must permute the rows of the output, and rows and columns of the weights."""
     module, ctor, dk, dv = _build(cls, d_model, None, None, None)
-    rng = _np_default_rng(seed)
+    rng = T.default_rng(seed)
     P = _Params(rng, d_model, dk, dv, False, 1.5, np.float64)
     _load(module, P, _float64)
     x = rng.normal(size=(B, L, d_model))
     perm = rng.permutation(L)
-    while (perm == _np_arange(L)).all():
+    while (perm == T.np_arange(L)).all():
         perm = rng.permutation(L)
     label = f"{ctor} on x of shape {(B, L, d_model)} and on x[:, perm] with perm = {perm.tolist()}"
     out1, w1 = _unpack(call(module, _t_from_numpy(x.copy()), label=label), label)
@@ -577,7 +569,7 @@ def _check_equivariance(cls, *, B: int, L: int, d_model: int, seed: int, dtype: 
 
 def _check_gradients(module: nn.Module, x_t, P: _Params, dk: int, label: str, seed: int) -> None:
     """The output must be differentiable with respect to W_q, W_k, W_v, with the right gradients."""
-    rng = _np_default_rng(seed)
+    rng = T.default_rng(seed)
     out = _unpack(call(module, x_t, label=label), label)[0]
     G = _t_from_numpy(rng.normal(size=T._tuple(out.shape)))
     params = [_getattr(module, a).weight for a in ("W_q", "W_k", "W_v")]
@@ -610,12 +602,12 @@ def _check_gradients(module: nn.Module, x_t, P: _Params, dk: int, label: str, se
 
 
 def _causal(L: int) -> np.ndarray:
-    return _np_arange(L)[None, :] <= _np_arange(L)[:, None]
+    return T.np_arange(L)[None, :] <= T.np_arange(L)[:, None]
 
 
 def _padding(lengths, L: int) -> np.ndarray:
     """(B, 1, L): True at the first ``length`` keys of each sequence."""
-    return (_np_arange(L)[None, :] < T.np_asarray(lengths)[:, None])[:, None, :]
+    return (T.np_arange(L)[None, :] < T.np_asarray(lengths)[:, None])[:, None, :]
 
 
 def visible_SelfAttention(cls) -> None:
@@ -646,7 +638,7 @@ def hidden_SelfAttention(cls) -> None:
         seed=13,
         note=" (scores in the thousands)",
     )
-    rng = _np_default_rng(14)
+    rng = T.default_rng(14)
     mask = rng.random((3, 6, 6)) < 0.6
     mask[0, 2] = False
     mask[2, 5] = False

@@ -15,8 +15,6 @@ Everything a student cell could rebind (numpy and torch functions, ``nn.Multihea
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from autograder.checks import torch_refs as R
@@ -34,26 +32,7 @@ from autograder.checks.common import (
 from autograder.checks.torch_refs import BOOL, F32, F64
 
 # References captured at import time (the setup cell imports this module before student code).
-# Those most chapters share (R.dtype_of, R.MHA, R.module_load_state_dict, ...) are in torch_refs.
-_rng = np.random.default_rng
-_exp = np.exp
-_where = np.where
-_zeros = np.zeros
-_ones = np.ones
-_triu = np.triu
-_isnan = np.isnan
-_isinf = np.isinf
-_isfinite = np.isfinite
-_np_any = np.any
-_np_all = np.all
-_np_abs = np.abs
-_array_equal = np.array_equal
-_integer = np.integer
-_f32 = np.float32
-_f64 = np.float64
-_np_bool = np.bool_
-_inf = math.inf
-_sqrt = math.sqrt
+# Those most chapters share are in torch_refs (R.dtype_of, R.MHA, ...) and trusted (T.np_where, ...).
 _int = int
 _float = float
 _bool_t = bool
@@ -130,7 +109,7 @@ def _check_split_case(split_heads, x: np.ndarray, h: int, dtype=F32, note: str =
 
 def _check_split_raises(split_heads, e: int, h: int) -> None:
     label = f"split_heads(x, num_heads={h}) with x of shape (2, 3, {e})"
-    x = R.tensor_of(T.np_array(_zeros((2, 3, e))), F32)
+    x = R.tensor_of(T.np_array(T.np_zeros((2, 3, e))), F32)
     try:
         split_heads(x, num_heads=h)
     except ValueError:
@@ -160,7 +139,7 @@ def visible_split_heads(split_heads) -> None:
 
 def hidden_split_heads(split_heads, seed: int = 41) -> None:
     """One head, one feature per head, odd sizes, L not divisible by H, one token."""
-    rng = _rng(seed)
+    rng = T.default_rng(seed)
     _check_split_case(split_heads, rng.normal(size=(2, 5, 6)), 1, note=" (one head)")
     _check_split_case(split_heads, rng.normal(size=(2, 5, 6)), 6, note=" (one feature per head)")
     _check_split_case(split_heads, rng.normal(size=(3, 7, 15)), 5, F64, " (float64, odd sizes)")
@@ -236,7 +215,7 @@ def visible_merge_heads(merge_heads) -> None:
 
 def hidden_merge_heads(merge_heads, seed: int = 42) -> None:
     """One head, D = 1, odd sizes, one token, and a non-contiguous input (as attention produces)."""
-    rng = _rng(seed)
+    rng = T.default_rng(seed)
     _check_merge_case(merge_heads, rng.normal(size=(2, 1, 5, 6)), note=" (one head)")
     _check_merge_case(merge_heads, rng.normal(size=(2, 6, 5, 1)), note=" (D = 1)")
     _check_merge_case(merge_heads, rng.normal(size=(3, 5, 7, 3)), F64, " (float64, odd sizes)")
@@ -289,7 +268,7 @@ DROPOUT_EVAL = (
 )
 
 
-def _oracle(p: dict, q, k, v, h: int, *, kpm=None, am=None, causal=False, dtype=_f64, variant: str = ""):
+def _oracle(p: dict, q, k, v, h: int, *, kpm=None, am=None, causal=False, dtype=T.np_float64, variant: str = ""):
     """Multi-head attention written out: returns (output (B, L, E), per-head weights (B, H, L, S))."""
 
     def f(a):
@@ -320,22 +299,22 @@ def _oracle(p: dict, q, k, v, h: int, *, kpm=None, am=None, causal=False, dtype=
         return x.reshape(b, m, h, d).transpose(0, 2, 1, 3)
 
     qh, kh, vh = split(qp), split(kp), split(vp)
-    scale = {"scale_E": 1 / _sqrt(e), "scale_H": 1 / _sqrt(h), "no_scale": 1.0, "scale_D": 1 / d}.get(variant, 1 / _sqrt(d))
+    scale = {"scale_E": 1 / T.sqrt(e), "scale_H": 1 / T.sqrt(h), "no_scale": 1.0, "scale_D": 1 / d}.get(variant, 1 / T.sqrt(d))
     scores = (qh @ kh.transpose(0, 1, 3, 2)) * dtype(scale)
-    add = _zeros((b, h, n, s), dtype=dtype)
+    add = T.np_zeros((b, h, n, s), dtype=dtype)
 
     def additive(mask):
-        if mask.dtype == _np_bool:
+        if mask.dtype == T.np_bool:
             blocked = ~mask if variant == "inverted" else mask
-            return _where(blocked, dtype(-_inf), dtype(0))
+            return T.np_where(blocked, dtype(-T.inf), dtype(0))
         if variant == "float_as_bool":
-            return _where(mask != 0, dtype(-_inf), dtype(0))
+            return T.np_where(mask != 0, dtype(-T.inf), dtype(0))
         return T.np_array(mask, dtype=dtype)
 
     if variant == "attn_mask_ignored":
         am = None
     if am is None and causal and variant != "causal_ignored":
-        am = _triu(_ones((n, s), dtype=_np_bool), 1)
+        am = T.np_triu(T.np_ones((n, s), dtype=T.np_bool), 1)
     if am is not None:
         a = additive(am)
         if a.ndim == 3:
@@ -346,16 +325,16 @@ def _oracle(p: dict, q, k, v, h: int, *, kpm=None, am=None, causal=False, dtype=
     axis = -2 if variant == "softmax_queries" else -1
     with T.np_errstate(all="ignore"):
         if variant == "mask_after_softmax":
-            scores = scores + _where(_isinf(add), dtype(0), add)
+            scores = scores + T.np_where(T.np_isinf(add), dtype(0), add)
         else:
             scores = scores + add
         top = scores.max(axis=axis, keepdims=True)
-        dead = top == -_inf
-        ex = _exp(scores - _where(dead, dtype(0), top))
+        dead = top == -T.inf
+        ex = T.np_exp(scores - T.np_where(dead, dtype(0), top))
         total = ex.sum(axis=axis, keepdims=True)
-        w = ex / total if variant == "nan_rows" else _where(dead, dtype(0), ex / _where(dead, dtype(1), total))
+        w = ex / total if variant == "nan_rows" else T.np_where(dead, dtype(0), ex / T.np_where(dead, dtype(1), total))
         if variant == "mask_after_softmax":
-            w = _where(add == -_inf, dtype(0), w)
+            w = T.np_where(add == -T.inf, dtype(0), w)
     heads_out = w @ vh
     merged = heads_out.reshape(b, n, e) if variant == "merge_view" else heads_out.transpose(0, 2, 1, 3).reshape(b, n, e)
     if variant == "no_out_proj":
@@ -429,29 +408,29 @@ def _check_built_by_hand(cls) -> None:
 def _describe_mask(name: str, m) -> str:
     if m is None:
         return ""
-    kind = "bool" if m.dtype == _np_bool else "float"
+    kind = "bool" if m.dtype == T.np_bool else "float"
     return f", {name}={kind} {T._tuple(m.shape)}"
 
 
 def _mask_tensor(m, dtype):
     if m is None:
         return None
-    return R.tensor_of(m, BOOL) if m.dtype == _np_bool else R.tensor_of(m, dtype)
+    return R.tensor_of(m, BOOL) if m.dtype == T.np_bool else R.tensor_of(m, dtype)
 
 
 def _fully_masked_rows(w: np.ndarray) -> bool:
-    return bool(_np_any(_np_all(w == 0, axis=-1)))
+    return bool(T.np_any(T.np_all(w == 0, axis=-1)))
 
 
 def _wrong_only_where_fully_masked(got: np.ndarray, expected: np.ndarray, atol: float) -> bool:
     """True when ``got`` matches on every query with a visible key but not on the fully masked ones."""
     if T._tuple(got.shape) != T._tuple(expected.shape) or not T.np_isfinite(got).all():
         return False
-    dead = _np_all(expected == 0, axis=-1)
-    if not _np_any(dead):
+    dead = T.np_all(expected == 0, axis=-1)
+    if not T.np_any(dead):
         return False
     live_ok = max_error(got[~dead], expected[~dead]) <= atol
-    return live_ok and float(T.np_max(_np_abs(got[dead]))) > atol
+    return live_ok and float(T.np_max(T.np_abs(got[dead]))) > atol
 
 
 def _run_case(
@@ -512,8 +491,10 @@ def _run_case(
     if dtype == F64:
         atol = 1e-9
     else:
-        out32, w32 = _oracle(p, q, k, v, h, kpm=kpm, am=am, causal=causal, dtype=_f32)
-        err = max(max_error(T.np_array(out32, dtype=_f64), exp_out), max_error(T.np_array(w32, dtype=_f64), exp_w))
+        out32, w32 = _oracle(p, q, k, v, h, kpm=kpm, am=am, causal=causal, dtype=T.np_float32)
+        err = max(
+            max_error(T.np_array(out32, dtype=T.np_float64), exp_out), max_error(T.np_array(w32, dtype=T.np_float64), exp_w)
+        )
         atol = max(2e-5, 8 * err)
     dead = _fully_masked_rows(exp_w)
     fp = lambda which, extra=None: {  # noqa: E731
@@ -566,7 +547,7 @@ def _run_case(
 
 
 def _data(rng, b: int, n: int, e: int, scale: float = 1.0) -> np.ndarray:
-    return T.np_array(rng.normal(size=(b, n, e), scale=scale).astype(_f32), dtype=_f64)
+    return T.np_array(rng.normal(size=(b, n, e), scale=scale).astype(T.np_float32), dtype=T.np_float64)
 
 
 def _check_dropout_eval(cls, rng) -> None:
@@ -585,7 +566,7 @@ def _check_dropout_eval(cls, rng) -> None:
     if T._type(first) is T._tuple and T._type(second) is T._tuple and T._len(first) == T._len(second) == 2:
         a = R.tensor_result(first[0], label=label, what="attn_output", dtype=F32)
         c = R.tensor_result(second[0], label=label, what="attn_output", dtype=F32)
-        if T._tuple(a.shape) == T._tuple(c.shape) and not _array_equal(a, c):
+        if T._tuple(a.shape) == T._tuple(c.shape) and not T.np_array_equal(a, c):
             raise CheckFailure(f"{label}: the two outputs differ (largest difference {max_error(a, c):.3g}).\n{DROPOUT_EVAL}")
     _run_case(module, p, q, None, None, h, average=False, note=", eval mode, dropout=0.5")
 
@@ -623,8 +604,8 @@ def _check_dropout_train(cls, rng) -> None:
             "Apply dropout (probability self.dropout) to the attention weights when self.training is True."
         )
     if max_error(w, exp_w) > 1e-5:  # weights after dropout: each one is 0 or w / (1 - p)
-        kept = _np_abs(w - exp_w / (1 - prob)) <= 1e-5 * (1 + _np_abs(exp_w))
-        if not _np_all(kept | (w == 0)):
+        kept = T.np_abs(w - exp_w / (1 - prob)) <= 1e-5 * (1 + T.np_abs(exp_w))
+        if not T.np_all(kept | (w == 0)):
             raise CheckFailure(
                 f"{label}: the returned weights are neither the attention weights nor a dropout of them "
                 f"(each weight either 0 or w / (1 - p)).\n  expected (before dropout): {show(exp_w[0])}\n  got: {show(w[0])}\n"
@@ -640,8 +621,8 @@ def _check_dropout_train(cls, rng) -> None:
             atol=1e-4,
         )
     mean = out.mean(axis=0)
-    off = float(T.np_max(_np_abs(mean - exp_out[0])))
-    spread = float(T.np_max(_np_abs(exp_out[0] - p["b_out"])))
+    off = float(T.np_max(T.np_abs(mean - exp_out[0])))
+    spread = float(T.np_max(T.np_abs(exp_out[0] - p["b_out"])))
     if off > 0.25 * spread:
         raise CheckFailure(
             f"{label}: averaged over the copies, the output should approach the eval-mode output (dropout is unbiased); "
@@ -659,7 +640,7 @@ def _oracle_heads_v(p: dict, q: np.ndarray, h: int) -> np.ndarray:
 
 def visible_MultiHeadAttention(cls) -> None:
     """Structure and state dict, self- and cross-attention, both mask kinds, per-head weights, eval mode."""
-    rng = _rng(0)
+    rng = T.default_rng(0)
     e, h = 8, 2
     p = R.mha_params(rng, e, True)
     module = _build(cls, e, h, p=p)
@@ -684,7 +665,7 @@ def visible_MultiHeadAttention(cls) -> None:
 def hidden_MultiHeadAttention(cls, seed: int = 44) -> None:
     """Odd sizes, float64, one head, D = 1, L = 1, S = 1, fully masked rows, 3D and float masks, both masks,
     is_causal, large values, no bias, and dropout in training mode."""
-    rng = _rng(seed)
+    rng = T.default_rng(seed)
     count = 0
     _build(cls, 8, 2)
     _check_built_by_hand(cls)
@@ -779,7 +760,7 @@ def _flops_fingerprints(b: int, n: int, s: int, e: int, h: int) -> dict:
 def _check_flops_case(fn, b: int, n: int, s: int, e: int, h: int, note: str = "") -> None:
     label = f"multi_head_attention_flops(batch={b}, L={n}, S={s}, embed_dim={e}, num_heads={h}){note}"
     result = call(fn, b, n, s, e, h, label=label)
-    if _isinstance(result, _bool_t) or not (_isinstance(result, _int) or _isinstance(result, _integer)):
+    if _isinstance(result, _bool_t) or not (_isinstance(result, _int) or _isinstance(result, T.np_integer)):
         hint = " Use // rather than /, or int(...), so the count stays exact." if _isinstance(result, _float) else ""
         raise CheckFailure(f"{label}: should return an int (an exact count of FLOPs), got {T.type_name(result)}.{hint}")
     got = _int(result)

@@ -30,30 +30,13 @@ from autograder.checks.common import CheckFailure, call, expect_close, max_error
 from autograder.checks.torch_refs import BOOL, F32, F64
 
 # References captured at import time (the setup cell imports this module before student code).
-# Those most chapters share (R.dtype_of, R.MHA, R.module_load_state_dict, ...) are in torch_refs.
+# Those most chapters share are in torch_refs (R.dtype_of, R.MHA, ...) and trusted (T.np_where, ...).
 _EncoderLayer = torch.nn.TransformerEncoderLayer
-_rng = np.random.default_rng
-_exp = np.exp
 _np_sqrt = np.sqrt
 _tanh = np.tanh
 _erf = np.vectorize(math.erf, otypes=[np.float64])
-_where = np.where
-_zeros = np.zeros
-_ones = np.ones
-_triu = np.triu
 _tril = np.tril
 _eye = np.eye
-_arange = np.arange
-_isinf = np.isinf
-_np_any = np.any
-_np_all = np.all
-_np_abs = np.abs
-_array_equal = np.array_equal
-_f32 = np.float32
-_f64 = np.float64
-_np_bool = np.bool_
-_inf = math.inf
-_sqrt = math.sqrt
 _pi = math.pi
 _float = float
 _abs = abs
@@ -152,17 +135,17 @@ def _layer_norm(x: np.ndarray, g, b, eps: float, dtype, affine: bool = True) -> 
 
 
 def _gelu(x: np.ndarray, dtype) -> np.ndarray:
-    return T.np_array(0.5 * x * (1.0 + _erf(T.np_array(x, dtype=_f64) / _sqrt(2.0))), dtype=dtype)
+    return T.np_array(0.5 * x * (1.0 + _erf(T.np_array(x, dtype=T.np_float64) / T.sqrt(2.0))), dtype=dtype)
 
 
 def _gelu_tanh(x: np.ndarray, dtype) -> np.ndarray:
-    return T.np_array(0.5 * x * (1.0 + _tanh(_sqrt(2.0 / _pi) * (x + 0.044715 * x**3))), dtype=dtype)
+    return T.np_array(0.5 * x * (1.0 + _tanh(T.sqrt(2.0 / _pi) * (x + 0.044715 * x**3))), dtype=dtype)
 
 
 def _additive(mask, dtype, variant: str) -> np.ndarray:
-    if mask.dtype == _np_bool:
+    if mask.dtype == T.np_bool:
         blocked = ~mask if variant == "inverted" else mask
-        return _where(blocked, dtype(-_inf), dtype(0))
+        return T.np_where(blocked, dtype(-T.inf), dtype(0))
     return T.np_array(mask, dtype=dtype)
 
 
@@ -173,13 +156,13 @@ def _self_attention(p, x, h, *, kpm, am, causal, dtype, variant):
     w_in, b_in = p["w_in"], p["b_in"]
     qkv = [x @ w_in[i * e : (i + 1) * e].T + b_in[i * e : (i + 1) * e] for i in range(3)]
     q, k, v = (t.reshape(b, n, h, d).transpose(0, 2, 1, 3) for t in qkv)
-    scale = {"no_scale": 1.0, "scale_E": 1 / _sqrt(e)}.get(variant, 1 / _sqrt(d))
+    scale = {"no_scale": 1.0, "scale_E": 1 / T.sqrt(e)}.get(variant, 1 / T.sqrt(d))
     scores = (q @ k.transpose(0, 1, 3, 2)) * dtype(scale)
-    add = _zeros((b, h, n, n), dtype=dtype)
+    add = T.np_zeros((b, h, n, n), dtype=dtype)
     if variant == "attn_mask_ignored":
         am = None
     if am is None and causal and variant != "causal_ignored":
-        am = _triu(_ones((n, n), dtype=_np_bool), 1)
+        am = T.np_triu(T.np_ones((n, n), dtype=T.np_bool), 1)
     if am is not None:
         a = _additive(am, dtype, variant)
         add = add + (a.reshape(b, h, n, n) if a.ndim == 3 else a)
@@ -188,19 +171,19 @@ def _self_attention(p, x, h, *, kpm, am, causal, dtype, variant):
     with T.np_errstate(all="ignore"):
         scores = scores + add
         top = scores.max(axis=-1, keepdims=True)
-        dead = top == -_inf
-        ex = _exp(scores - _where(dead, dtype(0), top))
-        w = _where(dead, dtype(0), ex / _where(dead, dtype(1), ex.sum(axis=-1, keepdims=True)))
+        dead = top == -T.inf
+        ex = T.np_exp(scores - T.np_where(dead, dtype(0), top))
+        w = T.np_where(dead, dtype(0), ex / T.np_where(dead, dtype(1), ex.sum(axis=-1, keepdims=True)))
     merged = (w @ v).transpose(0, 2, 1, 3).reshape(b, n, e)
     return merged @ p["w_out"].T + p["b_out"], w
 
 
-def _oracle(p, x, h, *, norm_first, activation, kpm=None, am=None, causal=False, dtype=_f64, variant=""):
+def _oracle(p, x, h, *, norm_first, activation, kpm=None, am=None, causal=False, dtype=T.np_float64, variant=""):
     """One encoder block written out: returns (output (B, L, E), per-head weights (B, H, L, L))."""
     p = {k: T.np_array(v, dtype=dtype) for k, v in p.items()}
     x = T.np_array(x, dtype=dtype)
-    kpm = kpm if kpm is None or kpm.dtype == _np_bool else T.np_array(kpm, dtype=dtype)
-    am = am if am is None or am.dtype == _np_bool else T.np_array(am, dtype=dtype)
+    kpm = kpm if kpm is None or kpm.dtype == T.np_bool else T.np_array(kpm, dtype=dtype)
+    am = am if am is None or am.dtype == T.np_bool else T.np_array(am, dtype=dtype)
     eps = {"eps_1e-6": 1e-6, "eps_1e-12": 1e-12, "eps_0": 0.0}.get(variant, EPS)
     n1, n2 = ("g2", "be2"), ("g1", "be1")
     if variant != "norms_swapped":
@@ -219,7 +202,7 @@ def _oracle(p, x, h, *, norm_first, activation, kpm=None, am=None, causal=False,
             return t
         if variant == "gelu_tanh" and kind == "gelu":
             return _gelu_tanh(t, dtype)
-        return _gelu(t, dtype) if kind == "gelu" else _where(t > 0, t, dtype(0))
+        return _gelu(t, dtype) if kind == "gelu" else T.np_where(t > 0, t, dtype(0))
 
     def sa(t):
         if variant == "batch_first":  # (B, L, E) read as (L, B, E): attention runs over the batch axis
@@ -264,15 +247,17 @@ def _oracle(p, x, h, *, norm_first, activation, kpm=None, am=None, causal=False,
 
 def _random_params(rng, e: int, f: int) -> dict:
     """Parameters rounded to float32 (they travel through a float32 state dict); norms and biases non-trivial."""
-    r = lambda *shape, std=1.0, mean=0.0: T.np_array((mean + rng.normal(size=shape, scale=std)).astype(_f32), dtype=_f64)
+    r = lambda *shape, std=1.0, mean=0.0: T.np_array(
+        (mean + rng.normal(size=shape, scale=std)).astype(T.np_float32), dtype=T.np_float64
+    )
     return {
-        "w_in": r(3 * e, e, std=1 / _sqrt(e)),
+        "w_in": r(3 * e, e, std=1 / T.sqrt(e)),
         "b_in": r(3 * e, std=0.3),
-        "w_out": r(e, e, std=1 / _sqrt(e)),
+        "w_out": r(e, e, std=1 / T.sqrt(e)),
         "b_out": r(e, std=0.3),
-        "w1": r(f, e, std=1 / _sqrt(e)),
+        "w1": r(f, e, std=1 / T.sqrt(e)),
         "b1": r(f, std=0.3),
-        "w2": r(e, f, std=1 / _sqrt(f)),
+        "w2": r(e, f, std=1 / T.sqrt(f)),
         "b2": r(e, std=0.3),
         "g1": r(e, std=0.3, mean=1.0),
         "be1": r(e, std=0.3),
@@ -375,14 +360,14 @@ def _build(cls, e, h, f, *, dropout=0.0, norm_first=True, activation="relu", p=N
 def _describe_mask(name: str, m) -> str:
     if m is None:
         return ""
-    kind = "bool" if m.dtype == _np_bool else "float"
+    kind = "bool" if m.dtype == T.np_bool else "float"
     return f", {name}={kind} {T._tuple(m.shape)}"
 
 
 def _mask_tensor(m, dtype):
     if m is None:
         return None
-    return R.tensor_of(m, BOOL) if m.dtype == _np_bool else R.tensor_of(m, dtype)
+    return R.tensor_of(m, BOOL) if m.dtype == T.np_bool else R.tensor_of(m, dtype)
 
 
 def _forward(module, label: str, xt, kwargs: dict):
@@ -440,8 +425,10 @@ def _block_case(
     if dtype == F64:
         atol = 1e-8
     else:
-        out32, w32 = _oracle(p, x, h, dtype=_f32, **args)
-        err = max(max_error(T.np_array(out32, dtype=_f64), exp_out), max_error(T.np_array(w32, dtype=_f64), exp_w))
+        out32, w32 = _oracle(p, x, h, dtype=T.np_float32, **args)
+        err = max(
+            max_error(T.np_array(out32, dtype=T.np_float64), exp_out), max_error(T.np_array(w32, dtype=T.np_float64), exp_w)
+        )
         atol = max(2e-5, 8 * err)
     prints = {MISTAKES[m]: (lambda m=m: _oracle(p, x, h, variant=m, **args)[0]) for m in MISTAKES}
     if T._tuple(out.shape) != (b, n, e):
@@ -470,7 +457,7 @@ def _block_case(
 
 
 def _data(rng, b: int, n: int, e: int, scale: float = 1.0, shift: float = 0.0) -> np.ndarray:
-    return T.np_array((shift + rng.normal(size=(b, n, e), scale=scale)).astype(_f32), dtype=_f64)
+    return T.np_array((shift + rng.normal(size=(b, n, e), scale=scale)).astype(T.np_float32), dtype=T.np_float64)
 
 
 def _case(
@@ -517,7 +504,7 @@ def _check_dropout_eval(cls, rng, norm_first: bool) -> None:
         second = _forward(module, label, xt, {})
     a = R.tensor_result(first, label=label, what="output", dtype=F32)
     c = R.tensor_result(second, label=label, what="output", dtype=F32)
-    if T._tuple(a.shape) == T._tuple(c.shape) and not _array_equal(a, c):
+    if T._tuple(a.shape) == T._tuple(c.shape) and not T.np_array_equal(a, c):
         raise CheckFailure(f"{label}: the two outputs differ (largest difference {max_error(a, c):.3g}).\n{DROPOUT_EVAL}")
     try:
         _block_case(module, p, x, h, norm_first=norm_first, activation="relu", mode="eval mode", sig=sig, defaults=True)
@@ -536,7 +523,7 @@ def _check_dropout_train(cls, rng) -> None:
         R.manual_seed(1)
         first = R.tensor_result(_forward(module, label, xt, {}), label=label, what="output", dtype=F32)
         second = R.tensor_result(_forward(module, label, xt, {}), label=label, what="output", dtype=F32)
-    if _array_equal(first, second):
+    if T.np_array_equal(first, second):
         raise CheckFailure(
             f"{label}: both calls gave the same output, so dropout is not applied in training mode. Apply dropout "
             "(probability `dropout`) to the attention weights, after self-attention, inside the feed-forward network "
@@ -591,9 +578,9 @@ def _check_gradients(cls, rng) -> None:
 
 def visible_TransformerBlock(cls) -> None:
     """Both norm placements, both activations, a causal mask, padding, is_causal, and dropout off in eval mode."""
-    rng = _rng(0)
+    rng = T.default_rng(0)
     _case(cls, rng, 8, 2, 16, 2, 5, defaults=True, ctor_defaults=True, note=", defaults: norm_first=True, activation='relu'")
-    causal = _triu(_ones((5, 5), dtype=_np_bool), 1)
+    causal = T.np_triu(T.np_ones((5, 5), dtype=T.np_bool), 1)
     _case(cls, rng, 8, 2, 16, 2, 5, norm_first=False, am=causal, note=", causal bool mask, True = not allowed")
     kpm = T.np_array([[False, False, False, True, True], [False, False, False, False, True]])
     _case(cls, rng, 8, 2, 16, 2, 5, activation="gelu", kpm=kpm, note=", True = padding")
@@ -605,7 +592,7 @@ def visible_TransformerBlock(cls) -> None:
 def hidden_TransformerBlock(cls, seed: int = 51) -> None:
     """Odd sizes, float64, one head, d_ff < d_model, L = 1, float and 3D masks, both masks, is_causal with padding,
     large and tiny inputs (LayerNorm eps), last_attention refreshed, dropout in eval and training mode, gradients."""
-    rng = _rng(seed)
+    rng = T.default_rng(seed)
     count = 0
 
     def case(*args, **kw):
@@ -617,13 +604,13 @@ def hidden_TransformerBlock(cls, seed: int = 51) -> None:
         case(15, 5, 7, 3, 7, norm_first=norm_first, activation="gelu", dtype=F64, train=False, note=", odd sizes")
         case(6, 1, 4, 2, 5, norm_first=norm_first, note=", one head, d_ff < d_model")
         case(8, 2, 16, 2, 1, norm_first=norm_first, activation="gelu", note=", one token")
-        fm = rng.normal(size=(5, 5)).astype(_f32).astype(_f64)
-        fm[_triu(_ones((5, 5), dtype=_np_bool), 1)] = -_inf
+        fm = rng.normal(size=(5, 5)).astype(T.np_float32).astype(T.np_float64)
+        fm[T.np_triu(T.np_ones((5, 5), dtype=T.np_bool), 1)] = -T.inf
         case(8, 2, 16, 2, 5, norm_first=norm_first, am=fm, note=", a float mask with -inf above the diagonal")
         am3 = rng.random(size=(2 * 2, 4, 4)) < 0.4
         am3[:, :, 0] = False
         case(8, 2, 16, 2, 4, norm_first=norm_first, activation="gelu", am=am3, note=", a 3D mask, one per (batch, head)")
-        kpm = _zeros((3, 6), dtype=_np_bool)
+        kpm = T.np_zeros((3, 6), dtype=T.np_bool)
         kpm[0, 4:] = True
         kpm[2, 1:] = True
         case(8, 4, 8, 3, 6, norm_first=norm_first, kpm=kpm, causal=True, note=", is_causal=True and padding")
@@ -632,7 +619,7 @@ def hidden_TransformerBlock(cls, seed: int = 51) -> None:
         case(8, 2, 16, 3, 6, norm_first=norm_first, kpm=kpm, am=both, train=False, note=", both masks")
         case(8, 2, 16, 2, 5, norm_first=norm_first, activation="gelu", scale=20.0, note=", large inputs")
         case(8, 2, 16, 2, 5, norm_first=norm_first, activation="gelu", scale=1e-3, shift=2.0, note=", nearly constant tokens")
-    causal = _triu(_ones((5, 5), dtype=_np_bool), 1)
+    causal = T.np_triu(T.np_ones((5, 5), dtype=T.np_bool), 1)
     case(8, 2, 16, 2, 5, am=causal, causal=True, dtype=F64, note=", is_causal=True with its causal mask")
 
     # last_attention belongs to the LAST call: a second call with another length must replace it.
@@ -667,7 +654,7 @@ def hidden_TransformerBlock(cls, seed: int = 51) -> None:
 def _offset_mean(w: np.ndarray, offset: int, start: int, denominator: int | None = None) -> np.ndarray:
     """Mean over queries i = start .. L-1 of w[:, i, i + offset] (or their sum / denominator)."""
     n = w.shape[-1]
-    rows = _arange(start, n)
+    rows = T.np_arange(start, n)
     rows = rows[(rows + offset >= 0) & (rows + offset < n)]
     vals = w[:, rows, rows + offset]
     return vals.sum(axis=-1) / (denominator if denominator is not None else T._len(rows))
@@ -676,9 +663,9 @@ def _offset_mean(w: np.ndarray, offset: int, start: int, denominator: int | None
 def _causal_weights(rng, h: int, n: int, scale: float = 2.0, causal: bool = True) -> np.ndarray:
     s = rng.normal(size=(h, n, n)) * scale
     if causal:
-        s = _where(_triu(_ones((n, n), dtype=_np_bool), 1), -_inf, s)
-    e = _exp(s - s.max(axis=-1, keepdims=True))
-    return T.np_array((e / e.sum(axis=-1, keepdims=True)).astype(_f32), dtype=_f64)
+        s = T.np_where(T.np_triu(T.np_ones((n, n), dtype=T.np_bool), 1), -T.inf, s)
+    e = T.np_exp(s - s.max(axis=-1, keepdims=True))
+    return T.np_array((e / e.sum(axis=-1, keepdims=True)).astype(T.np_float32), dtype=T.np_float64)
 
 
 def _score_result(fn, args: tuple, *, label: str, h: int, n: int, given: torch.Tensor) -> np.ndarray:
@@ -739,20 +726,20 @@ def _toy_heads(n: int) -> np.ndarray:
     """Three heads on L = n: a perfect previous-token head, causal uniform attention, attention to itself."""
     prev = _eye(n, k=-1)
     prev[0, 0] = 1.0
-    uniform = _tril(_ones((n, n))) / _arange(1, n + 1)[:, None]
-    return T.np_array([prev, uniform, _eye(n)], dtype=_f64)
+    uniform = _tril(T.np_ones((n, n))) / T.np_arange(1, n + 1)[:, None]
+    return T.np_array([prev, uniform, _eye(n)], dtype=T.np_float64)
 
 
 def visible_previous_token_score(fn) -> None:
     """Three hand-made heads (scores 1, the causal average, 0) and random causal attention."""
     _check_prev_case(fn, _toy_heads(5), note=" (previous-token, uniform causal and self heads)")
-    _check_prev_case(fn, _causal_weights(_rng(0), 4, 7), note=" (random causal attention)")
+    _check_prev_case(fn, _causal_weights(T.default_rng(0), 4, 7), note=" (random causal attention)")
     passed("previous_token_score", 2)
 
 
 def hidden_previous_token_score(fn, seed: int = 52) -> None:
     """L = 2, one head, non-causal weights, float64, many heads, long sequences."""
-    rng = _rng(seed)
+    rng = T.default_rng(seed)
     _check_prev_case(fn, _causal_weights(rng, 3, 2), note=" (L = 2: one query counts)")
     _check_prev_case(fn, _causal_weights(rng, 1, 6), note=" (one head)")
     _check_prev_case(fn, _causal_weights(rng, 5, 6, causal=False), note=" (attention to every key, not causal)")
@@ -807,25 +794,25 @@ def _check_ind_case(fn, w: np.ndarray, period: int, dtype=F32, note: str = "") -
 def _toy_induction(period: int) -> np.ndarray:
     """Three heads on a sequence repeated twice: a perfect induction head, a previous-token head, uniform causal."""
     n = 2 * period
-    ind = _zeros((n, n))
+    ind = T.np_zeros((n, n))
     for i in range(n):
         ind[i, i - period + 1 if i >= period else 0] = 1.0
     prev = _eye(n, k=-1)
     prev[0, 0] = 1.0
-    uniform = _tril(_ones((n, n))) / _arange(1, n + 1)[:, None]
-    return T.np_array([ind, prev, uniform], dtype=_f64)
+    uniform = _tril(T.np_ones((n, n))) / T.np_arange(1, n + 1)[:, None]
+    return T.np_array([ind, prev, uniform], dtype=T.np_float64)
 
 
 def visible_induction_score(fn) -> None:
     """Hand-made induction, previous-token and uniform heads; random attention on three repeats."""
     _check_ind_case(fn, _toy_induction(4), 4, note=" (induction, previous-token and uniform causal heads)")
-    _check_ind_case(fn, _causal_weights(_rng(1), 4, 9), 3, note=" (random causal attention, three repeats)")
+    _check_ind_case(fn, _causal_weights(T.default_rng(1), 4, 9), 3, note=" (random causal attention, three repeats)")
     passed("induction_score", 2)
 
 
 def hidden_induction_score(fn, seed: int = 53) -> None:
     """period 1 and 2, period = L - 1 (one query), non-causal weights, float64, long sequences."""
-    rng = _rng(seed)
+    rng = T.default_rng(seed)
     _check_ind_case(fn, _causal_weights(rng, 3, 6), 1, note=" (period 1: every token repeats the last)")
     _check_ind_case(fn, _causal_weights(rng, 3, 8), 2, note=" (period 2)")
     _check_ind_case(fn, _causal_weights(rng, 2, 7), 6, note=" (period = L - 1: one query counts)")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import ast
 import inspect
-import math
 import re
 import textwrap
 
@@ -36,29 +35,13 @@ from autograder.checks.torch_refs import BF16, BOOL, F8, F16, F32, F64, I8
 
 # ---------------------------------------------------------------------------------------------
 # References captured at import time (a student cell may rebind torch or numpy attributes).
-# Those most chapters share (R.dtype_of, R.MHA, R.module_load_state_dict, ...) are in torch_refs.
+# Those most chapters share are in torch_refs (R.dtype_of, R.MHA, ...) and trusted (T.np_where, ...).
 _cat = torch.cat
 _torch_dtype = torch.dtype
 
-_rng = np.random.default_rng
 _re_search = re.search
-_np_exp = np.exp
-_np_where = np.where
-_np_concat = np.concatenate
-_np_arange = np.arange
-_np_zeros = np.zeros
-_np_ones = np.ones
-_np_triu = np.triu
 _np_repeat = np.repeat
 _np_tile = np.tile
-_np_array_equal = np.array_equal
-_np_isfinite = np.isfinite
-_np_bool = np.bool_
-_f32 = np.float32
-_f64 = np.float64
-_integer = np.integer
-_inf = math.inf
-_sqrt = math.sqrt
 _int = int
 _float = float
 _bool = bool
@@ -179,14 +162,14 @@ def _cache_fingerprints(prev: list[np.ndarray], new: np.ndarray, other_expected:
     prints = {}
     for j in _range(T._len(chunks)):
         doubled = chunks[: j + 1] + chunks[j:]
-        prints[CACHE_TWICE + f" Here chunk {j + 1} appears twice."] = lambda d=doubled: _np_concat(d, axis=2)
-    prints[CACHE_TWICE + " Here every chunk appears twice."] = lambda: _np_concat([c for c in chunks for _ in (0, 1)], axis=2)
+        prints[CACHE_TWICE + f" Here chunk {j + 1} appears twice."] = lambda d=doubled: T.np_concat(d, axis=2)
+    prints[CACHE_TWICE + " Here every chunk appears twice."] = lambda: T.np_concat([c for c in chunks for _ in (0, 1)], axis=2)
     if prev:
         prints[CACHE_NOT_STORED] = lambda: new
-        prints[CACHE_OLD] = lambda: _np_concat(prev, axis=2)
-        prints[CACHE_PREPENDED] = lambda: _np_concat([new] + prev, axis=2)
+        prints[CACHE_OLD] = lambda: T.np_concat(prev, axis=2)
+        prints[CACHE_PREPENDED] = lambda: T.np_concat([new] + prev, axis=2)
         for axis in (0, 1, 3):
-            prints[_cache_axis_mistake(axis)] = lambda a=axis: _np_concat(chunks, axis=a)
+            prints[_cache_axis_mistake(axis)] = lambda a=axis: T.np_concat(chunks, axis=a)
     prints[CACHE_SWAPPED] = lambda: other_expected
     return prints
 
@@ -248,7 +231,7 @@ def _check_cache_run(cls, rng, b: int, h: int, d: int, sizes: list[int], dtype=F
         k_all, v_all = _pair(_call_update(cache, kt, vt, label), label=label, names="k_all, v_all")
         k_got = _as_result(k_all, label=label, what="k_all", dtype=dtype)
         v_got = _as_result(v_all, label=label, what="v_all", dtype=dtype)
-        k_want, v_want = _np_concat(ks + [k], axis=2), _np_concat(vs + [v], axis=2)
+        k_want, v_want = T.np_concat(ks + [k], axis=2), T.np_concat(vs + [v], axis=2)
         _expect(
             k_got, k_want, label=label, what="k_all (every key held)", atol=0.0, fingerprints=_cache_fingerprints(ks, k, v_want)
         )
@@ -287,7 +270,7 @@ def _check_cache_independent(cls, rng) -> None:
         _call_update(other, R.tensor_of(k2, F32), R.tensor_of(k2 + 1, F32), label), label=label, names="k_all, v_all"
     )
     got = _as_result(k_all, label=label, what="k_all of b", dtype=F32)
-    if T._tuple(got.shape) != (1, 2, 1, 4) or not _np_array_equal(got, k2):
+    if T._tuple(got.shape) != (1, 2, 1, 4) or not T.np_array_equal(got, k2):
         raise CheckFailure(
             f"{label}: b.update should return only b's own chunk, shape (1, 2, 1, 4); got shape {T._tuple(got.shape)}.\n"
             f"  Likely mistake: {CACHE_SHARED}"
@@ -296,7 +279,7 @@ def _check_cache_independent(cls, rng) -> None:
 
 def visible_KVCache(cls) -> None:
     """An empty cache, a prompt of 5 tokens and two single tokens; single tokens from an empty cache."""
-    rng = _rng(60)
+    rng = T.default_rng(60)
     _check_cache_run(cls, rng, 2, 3, 4, [5, 1, 1], note=", a prompt then two tokens")
     _check_cache_run(cls, rng, 1, 2, 3, [1, 1, 1, 1], note=", one token at a time")
     passed("KVCache", 2)
@@ -304,7 +287,7 @@ def visible_KVCache(cls) -> None:
 
 def hidden_KVCache(cls, seed: int = 61) -> None:
     """Independent caches, odd sizes, long runs, chunks of several sizes, float16 and bfloat16."""
-    rng = _rng(seed)
+    rng = T.default_rng(seed)
     _check_cache_independent(cls, rng)
     _check_cache_run(cls, rng, 3, 5, 7, [2, 1, 4, 1, 3], note=", chunks of several sizes")
     _check_cache_run(cls, rng, 1, 1, 1, [9] + [1] * 20, note=", one head of size 1, 20 decoding steps")
@@ -353,7 +336,7 @@ CACHE_API_HINT = (
 )
 
 
-def _heads(p: dict, x: np.ndarray, h: int, variant: str = "", dtype=_f64) -> tuple:
+def _heads(p: dict, x: np.ndarray, h: int, variant: str = "", dtype=T.np_float64) -> tuple:
     """Per-head queries, keys and values (B, H, N, D) of self-attention on x (B, N, E), or of a mistake."""
     x = T.np_array(x, dtype=dtype)
     b, n, e = x.shape
@@ -381,24 +364,24 @@ def _heads(p: dict, x: np.ndarray, h: int, variant: str = "", dtype=_f64) -> tup
 def _softmax_masked(scores: np.ndarray, allowed: np.ndarray, axis: int = -1) -> np.ndarray:
     """Softmax with disallowed entries at -inf; a row with nothing allowed gives NaN (as PyTorch's softmax does)."""
     with T.np_errstate(all="ignore"):
-        s = _np_where(allowed, scores, -_inf)
+        s = T.np_where(allowed, scores, -T.inf)
         top = s.max(axis=axis, keepdims=True)
-        ex = _np_exp(s - top)
+        ex = T.np_exp(s - top)
         return ex / ex.sum(axis=axis, keepdims=True)
 
 
-def _causal_oracle(p: dict, x: np.ndarray, h: int, variant: str = "", dtype=_f64) -> np.ndarray:
+def _causal_oracle(p: dict, x: np.ndarray, h: int, variant: str = "", dtype=T.np_float64) -> np.ndarray:
     """Output (B, N, E) of causal self-attention at every position of x (B, N, E), or of a known mistake."""
     qh, kh, vh = _heads(p, x, h, variant, dtype)
     b, n, e = T._tuple(T.np_asarray(x).shape)
     d = e // h
-    scale = {"scale_E": 1 / _sqrt(e), "scale_H": 1 / _sqrt(h), "no_scale": 1.0, "scale_D": 1 / d}.get(variant, 1 / _sqrt(d))
+    scale = {"scale_E": 1 / T.sqrt(e), "scale_H": 1 / T.sqrt(h), "no_scale": 1.0, "scale_D": 1 / d}.get(variant, 1 / T.sqrt(d))
     scores = (qh @ kh.transpose(0, 1, 3, 2)) * dtype(scale)
-    i = _np_arange(n)[:, None]
-    j = _np_arange(n)[None, :]
+    i = T.np_arange(n)[:, None]
+    j = T.np_arange(n)[None, :]
     allowed = {"top_left": j == 0 + 0 * i, "only_new": j == i, "before_update": j < i}.get(variant, j <= i)
     if variant == "softmax_queries":
-        weights = _np_where(allowed, dtype(1), dtype(0)) * _np_ones(scores.shape, dtype=dtype)
+        weights = T.np_where(allowed, dtype(1), dtype(0)) * T.np_ones(scores.shape, dtype=dtype)
     else:
         weights = _softmax_masked(scores, allowed)
     merged = (weights @ vh).transpose(0, 2, 1, 3).reshape(b, n, e)
@@ -415,7 +398,7 @@ def _torch_causal_reference(p: dict, x: np.ndarray, h: int, bias: bool) -> np.nd
     b, n, e = T._tuple(x.shape)
     ref = R.torch_mha(e, h, bias, p, F64)
     xt = R.tensor_of(x, F64)
-    future = R.tensor_of(_np_triu(_np_ones((n, n), dtype=_np_bool), 1), BOOL)  # True = not allowed
+    future = R.tensor_of(T.np_triu(T.np_ones((n, n), dtype=T.np_bool), 1), BOOL)  # True = not allowed
     out, _ = R.mha_forward(ref, xt, xt, xt, attn_mask=future, need_weights=False)
     return T.tensor_to_float64(out)
 
@@ -483,7 +466,7 @@ def _prefill(cache: ReferenceKVCache, p: dict, x: np.ndarray, h: int, dtype) -> 
 def _step_atol(p: dict, x: np.ndarray, h: int, dtype) -> float:
     if dtype == F64:
         return 1e-9
-    err = max_error(T.np_array(_causal_oracle(p, x, h, dtype=_f32), dtype=_f64), _causal_oracle(p, x, h))
+    err = max_error(T.np_array(_causal_oracle(p, x, h, dtype=T.np_float32), dtype=T.np_float64), _causal_oracle(p, x, h))
     return max(2e-5, 8 * err)
 
 
@@ -512,7 +495,7 @@ def _run_decode(
         try:
             by_torch = _torch_causal_reference(p, x, h, bias)
         except Exception:  # noqa: BLE001  (only a notebook that rewrote torch gets here)
-            by_torch = expected + _inf
+            by_torch = expected + T.inf
         if T._tuple(by_torch.shape) != T._tuple(expected.shape) or max_error(by_torch, expected) > 1e-8:
             raise CheckFailure(
                 "The reference nn.MultiheadAttention no longer agrees with float64 maths: something in the notebook has "
@@ -626,7 +609,7 @@ def _run_decode(
 
 def visible_decode_step(decode_step) -> None:
     """Five steps from an empty cache; three steps after a prompt of four tokens."""
-    rng = _rng(62)
+    rng = T.default_rng(62)
     _run_decode(decode_step, rng, e=8, h=2, b=2, prompt=0, steps=5)
     _run_decode(decode_step, rng, e=8, h=2, b=1, prompt=4, steps=3)
     passed("decode_step", 2)
@@ -635,7 +618,7 @@ def visible_decode_step(decode_step) -> None:
 def hidden_decode_step(decode_step, seed: int = 63) -> None:
     """16 steps against PyTorch's own causal nn.MultiheadAttention, prompts, no bias, one head, D = 1,
     float64, large inputs."""
-    rng = _rng(seed)
+    rng = T.default_rng(seed)
     count = 0
 
     def case(**kw):
@@ -682,9 +665,9 @@ def _gqa_params(rng, e: int, h: int, kv: int, bias: bool) -> dict:
     d = e // h
 
     def r(*shape, std=1.0):
-        return T.np_array(rng.normal(size=shape, scale=std).astype(_f32), dtype=_f64)
+        return T.np_array(rng.normal(size=shape, scale=std).astype(T.np_float32), dtype=T.np_float64)
 
-    s = 1 / _sqrt(e)
+    s = 1 / T.sqrt(e)
     p = {"q_proj": (r(e, e, std=s), r(e, std=0.5) if bias else None)}
     p["k_proj"] = (r(kv * d, e, std=s), r(kv * d, std=0.5) if bias else None)
     p["v_proj"] = (r(kv * d, e, std=s), r(kv * d, std=0.5) if bias else None)
@@ -692,7 +675,7 @@ def _gqa_params(rng, e: int, h: int, kv: int, bias: bool) -> dict:
     return p
 
 
-def _gqa_oracle(p: dict, x: np.ndarray, h: int, kv: int, causal: bool, variant: str = "", dtype=_f64) -> np.ndarray:
+def _gqa_oracle(p: dict, x: np.ndarray, h: int, kv: int, causal: bool, variant: str = "", dtype=T.np_float64) -> np.ndarray:
     """Grouped-query self-attention (B, L, E) written out, or a known mistake."""
     x = T.np_array(x, dtype=dtype)
     b, n, e = x.shape
@@ -718,12 +701,14 @@ def _gqa_oracle(p: dict, x: np.ndarray, h: int, kv: int, causal: bool, variant: 
         k, v = _np_tile(k, (1, g, 1, 1)), _np_tile(v, (1, g, 1, 1))
     else:
         k, v = _np_repeat(k, g, axis=1), _np_repeat(v, g, axis=1)
-    scale = {"scale_E": 1 / _sqrt(e), "scale_kv": 1 / _sqrt(kv * d), "no_scale": 1.0, "scale_D": 1 / d}.get(variant, 1 / _sqrt(d))
+    scale = {"scale_E": 1 / T.sqrt(e), "scale_kv": 1 / T.sqrt(kv * d), "no_scale": 1.0, "scale_D": 1 / d}.get(
+        variant, 1 / T.sqrt(d)
+    )
     scores = (q @ k.transpose(0, 1, 3, 2)) * dtype(scale)
-    i = _np_arange(n)[:, None]
-    j = _np_arange(n)[None, :]
+    i = T.np_arange(n)[:, None]
+    j = T.np_arange(n)[None, :]
     use_causal = (causal and variant != "causal_ignored") or variant == "always_causal"
-    allowed = _np_ones((n, n), dtype=_np_bool)
+    allowed = T.np_ones((n, n), dtype=T.np_bool)
     if use_causal:
         allowed = {"diag_hidden": j < i, "inverted_causal": j >= i}.get(variant, j <= i)
     axis = -2 if variant == "softmax_queries" else -1
@@ -813,7 +798,7 @@ def _run_gqa(cls, rng, e, h, kv, b, n, *, causal=False, bias=False, dtype=F32, s
     if dtype == F64:
         atol = 1e-9
     else:
-        err = max_error(T.np_array(_gqa_oracle(p, x, h, kv, causal, dtype=_f32), dtype=_f64), expected)
+        err = max_error(T.np_array(_gqa_oracle(p, x, h, kv, causal, dtype=T.np_float32), dtype=T.np_float64), expected)
         atol = max(4e-5, 16 * err)
     prints = {GQA_MISTAKES[m]: (lambda m=m: _gqa_oracle(p, x, h, kv, causal, m)) for m in GQA_MISTAKES}
     _expect(out, expected, label=label, what="output", atol=atol, fingerprints=prints)
@@ -841,7 +826,7 @@ def _check_gqa_raises(cls, e: int, h: int, kv: int) -> None:
 
 def visible_GroupedQueryAttention(cls) -> None:
     """Structure, GQA with and without the causal mask, MQA, MHA, the default call, the ValueError."""
-    rng = _rng(64)
+    rng = T.default_rng(64)
     _build_gqa(cls, 8, 4, 2, None, None)  # bias defaults to False
     _run_gqa(cls, rng, 8, 4, 2, 2, 5, default_call=True)
     _run_gqa(cls, rng, 8, 4, 2, 2, 5, causal=True)
@@ -853,7 +838,7 @@ def visible_GroupedQueryAttention(cls) -> None:
 
 def hidden_GroupedQueryAttention(cls, seed: int = 65) -> None:
     """Groups of 2 and 3, bias, float64, one token, one head per group, odd sizes, large inputs, more ValueErrors."""
-    rng = _rng(seed)
+    rng = T.default_rng(seed)
     count = 0
 
     def case(*args, **kw):
@@ -945,7 +930,7 @@ def _check_bytes_case(fn, b: int, s: int, n_layers: int, kv: int, d: int, dtype,
                 "dtype.itemsize (or torch.empty((), dtype=dtype).element_size())."
             ) from None
         raise
-    if _isinstance(result, _bool) or not (_isinstance(result, _int) or _isinstance(result, _integer)):
+    if _isinstance(result, _bool) or not (_isinstance(result, _int) or _isinstance(result, T.np_integer)):
         hint = " Use // rather than /, or int(...), so the count stays exact." if _isinstance(result, _float) else ""
         raise CheckFailure(
             f"{label}: should return an int (an exact number of bytes), got {T.type_name(result)} {result!r}.{hint}"

@@ -41,7 +41,7 @@ from autograder.checks.torch_refs import BF16, BOOL, F8, F16, F32, F64
 
 # ---------------------------------------------------------------------------------------------
 # References captured at import time (a student cell may rebind torch, numpy, time or builtins).
-# Those most chapters share (R.dtype_of, R.MHA, R.module_load_state_dict, ...) are in torch_refs.
+# Those most chapters share are in torch_refs (R.dtype_of, R.MHA, ...) and trusted (T.np_where, ...).
 _zeros = torch.zeros
 _make_subclass = torch.Tensor._make_subclass
 _Tensor = torch.Tensor
@@ -57,24 +57,13 @@ _REAL_CLOCKS = {"perf_counter": time.perf_counter, "perf_counter_ns": time.perf_
 _REAL_TIMEIT = timeit.default_timer
 _real_perf_counter = time.perf_counter
 
-_rng = np.random.default_rng
-_np_exp = np.exp
-_np_where = np.where
-_np_arange = np.arange
-_np_ones = np.ones
-_np_triu = np.triu
 _np_percentile = np.percentile
 _np_median = np.median
 _np_mean = np.mean
 _np_std = np.std
 _np_sort = np.sort
-_np_bool = np.bool_
 _np_floating = np.floating
-_np_integer = np.integer
-_f32 = np.float32
-_f64 = np.float64
 _inf = float("inf")
-_sqrt = T.sqrt
 _int = int
 _float = float
 _bool = bool
@@ -348,7 +337,7 @@ def _workload(device: _Device, expected_args: tuple):
 
 
 def _percentiles(values: list[float]) -> tuple[float, float, float]:
-    q25, q50, q75 = _np_percentile(T.np_array(values, dtype=_f64), [25, 50, 75])
+    q25, q50, q75 = _np_percentile(T.np_array(values, dtype=T.np_float64), [25, 50, 75])
     return _float(q25), _float(q50), _float(q75)
 
 
@@ -442,7 +431,7 @@ def _close_ms(got: float, candidate: float, scale: float, slack: float = 1.0) ->
 
 def _number(result: dict, key: str, label: str) -> float:
     value = result[key]
-    if _isinstance(value, _bool) or not (_isinstance(value, (_float, _int)) or _isinstance(value, (_np_floating, _np_integer))):
+    if _isinstance(value, _bool) or not (_isinstance(value, (_float, _int)) or _isinstance(value, (_np_floating, T.np_integer))):
         hint = " (a tensor: convert with float(...) or .item())" if T._isinstance(value, _Tensor) else ""
         raise CheckFailure(f"{label}: result[{key!r}] should be a float (milliseconds), got {T.type_name(value)}{hint}.")
     return _float(value)
@@ -521,7 +510,7 @@ def _durations(rng, n: int, base: float, spread: float) -> list[float]:
 
 def visible_benchmark(bench) -> None:
     """An asynchronous device with slow first calls and an outlier; a CPU-only machine."""
-    rng = _rng(70)
+    rng = T.default_rng(70)
     timed = _durations(rng, 7, 4.0, 3.0)
     timed[2] = 45.0  # one call hit something slow: the mean moves, the median does not
     _run_benchmark(bench, [60.0] * 5, timed, cuda=True, note=", first calls slow (compilation), one outlier")
@@ -533,7 +522,7 @@ def visible_benchmark(bench) -> None:
 
 def hidden_benchmark(bench, seed: int = 71) -> None:
     """An even count, a leaking warm-up, no warm-up at all, non-tensor arguments, a single call, CPU again."""
-    rng = _rng(seed)
+    rng = T.default_rng(seed)
     count = 0
 
     def case(warm, timed, **kw):
@@ -609,16 +598,16 @@ def _softmax_allowed(scores: np.ndarray, allowed: np.ndarray | None, additive: n
     with T.np_errstate(all="ignore"):
         s = scores if additive is None else scores + additive
         if allowed is not None:
-            s = _np_where(allowed, s, -_inf)
+            s = T.np_where(allowed, s, -_inf)
         top = s.max(axis=-1, keepdims=True)
-        top = _np_where(T.np_isfinite(top), top, 0.0)
-        ex = _np_exp(s - top)
+        top = T.np_where(T.np_isfinite(top), top, 0.0)
+        ex = T.np_exp(s - top)
         total = ex.sum(axis=-1, keepdims=True)
-        return _np_where(total > 0, ex / _np_where(total > 0, total, 1.0), 0.0)
+        return T.np_where(total > 0, ex / T.np_where(total > 0, total, 1.0), 0.0)
 
 
 def _fused_oracle(
-    p: dict, x: np.ndarray, h: int, *, mask: np.ndarray | None = None, causal: bool = False, variant: str = "", dtype=_f64
+    p: dict, x: np.ndarray, h: int, *, mask: np.ndarray | None = None, causal: bool = False, variant: str = "", dtype=T.np_float64
 ) -> np.ndarray:
     """Self-attention (B, L, E) with SDPA's mask semantics (bool True = may attend, float added), or a mistake."""
     x = T.np_array(x, dtype=dtype)
@@ -642,19 +631,19 @@ def _fused_oracle(
         return a.reshape(b, n, h, d).transpose(0, 2, 1, 3)
 
     qh, kh, vh = split(q), split(k), split(v)
-    scale = {"scale_E": 1 / _sqrt(e), "scale_D": 1 / d, "no_scale": 1.0}.get(variant, 1 / _sqrt(d))
+    scale = {"scale_E": 1 / T.sqrt(e), "scale_D": 1 / d, "no_scale": 1.0}.get(variant, 1 / T.sqrt(d))
     scores = (qh @ kh.transpose(0, 1, 3, 2)) * dtype(scale)
     allowed = None
     additive = None
     use_mask = mask is not None and variant != "mask_ignored"
-    if use_mask and mask.dtype == _np_bool:
+    if use_mask and mask.dtype == T.np_bool:
         allowed = ~mask if variant == "inverted_mask" else mask
-        allowed = allowed & _np_ones(scores.shape, dtype=_np_bool)
+        allowed = allowed & T.np_ones(scores.shape, dtype=T.np_bool)
     elif use_mask:
         additive = T.np_array(mask, dtype=dtype)
     use_causal = (causal and variant != "causal_ignored") or variant == "always_causal"
     if use_causal:
-        tri = _np_arange(n)[None, :] <= _np_arange(n)[:, None]
+        tri = T.np_arange(n)[None, :] <= T.np_arange(n)[:, None]
         allowed = tri if allowed is None else (allowed & tri)
     weights = _softmax_allowed(scores, allowed, additive)
     heads = weights @ vh
@@ -772,8 +761,8 @@ def _run_fused(cls, rng, e, h, b, n, *, bias=True, dtype=F32, mask=None, causal=
     mask_t = None
     mask_desc = ""
     if mask is not None:
-        mask_t = R.tensor_of(mask, BOOL) if mask.dtype == _np_bool else R.tensor_of(mask, dtype)
-        mask_desc = f", attn_mask {('bool' if mask.dtype == _np_bool else 'float')} {T._tuple(mask.shape)}"
+        mask_t = R.tensor_of(mask, BOOL) if mask.dtype == T.np_bool else R.tensor_of(mask, dtype)
+        mask_desc = f", attn_mask {('bool' if mask.dtype == T.np_bool else 'float')} {T._tuple(mask.shape)}"
     if default_call:
         desc = "(x)"
     else:
@@ -795,18 +784,20 @@ def _run_fused(cls, rng, e, h, b, n, *, bias=True, dtype=F32, mask=None, causal=
     out = T.tensor_to_float64(result)
     if not R.t_equal(xt, before):
         raise CheckFailure(f"{label}: the layer changed its input in place.")
-    mask_np = None if mask is None else (mask if mask.dtype == _np_bool else R.rounded(mask, dtype))
+    mask_np = None if mask is None else (mask if mask.dtype == T.np_bool else R.rounded(mask, dtype))
     expected = _fused_oracle(p, x, h, mask=mask_np, causal=causal)
     if dtype == F64:
         atol = 1e-9
     elif dtype == F32:
-        err = max_error(T.np_array(_fused_oracle(p, x, h, mask=mask_np, causal=causal, dtype=_f32), dtype=_f64), expected)
+        err = max_error(
+            T.np_array(_fused_oracle(p, x, h, mask=mask_np, causal=causal, dtype=T.np_float32), dtype=T.np_float64), expected
+        )
         atol = max(4e-5, 16 * err)
     else:  # half precision: twice PyTorch's own nn.MultiheadAttention error at this dtype, plus a margin
         ref = R.torch_mha(e, h, bias, p, dtype)
-        ref_mask = R.tensor_of(_np_triu(_np_ones((n, n), dtype=_np_bool), 1), BOOL) if causal else None  # True = not allowed
+        ref_mask = R.tensor_of(T.np_triu(T.np_ones((n, n), dtype=T.np_bool), 1), BOOL) if causal else None  # True = not allowed
         if mask is not None:
-            ref_mask = R.tensor_of(~mask, BOOL) if mask.dtype == _np_bool else mask_t
+            ref_mask = R.tensor_of(~mask, BOOL) if mask.dtype == T.np_bool else mask_t
         with R.no_grad():
             ref_out, _ = R.mha_forward(ref, xt, xt, xt, attn_mask=ref_mask, need_weights=False)
         atol = 2 * max_error(T.tensor_to_float64(ref_out), expected) + 2e-2
@@ -860,7 +851,7 @@ def _check_fused_gradients(cls, rng, e: int = 8, h: int = 2, b: int = 2, n: int 
     ref = R.torch_mha(e, h, True, p, F64)
     label = f"{_fused_label(e, h, True)}(x, is_causal=True) with x of shape {(b, n, e)} [float64, gradients of a weighted sum]"
     weights = R.tensor_of(rng.normal(size=(b, n, e)), F64)
-    future = R.tensor_of(_np_triu(_np_ones((n, n), dtype=_np_bool), 1), BOOL)
+    future = R.tensor_of(T.np_triu(T.np_ones((n, n), dtype=T.np_bool), 1), BOOL)
     x_np = rng.normal(size=(b, n, e))
     grads = {}
     for name, layer in (("yours", module), ("reference", ref)):
@@ -894,7 +885,7 @@ def _check_fused_gradients(cls, rng, e: int = 8, h: int = 2, b: int = 2, n: int 
 
 def visible_FusedMultiHeadAttention(cls) -> None:
     """Parameters, the default call, a causal call, a boolean mask (True = may attend), float64."""
-    rng = _rng(72)
+    rng = T.default_rng(72)
     _build_fused(cls, 8, 2, None, None)
     _run_fused(cls, rng, 8, 2, 2, 5, default_call=True)
     _run_fused(cls, rng, 12, 3, 2, 6, causal=True)
@@ -905,7 +896,7 @@ def visible_FusedMultiHeadAttention(cls) -> None:
 
 def hidden_FusedMultiHeadAttention(cls, seed: int = 73) -> None:
     """No bias, float masks, per-batch and per-head masks, one head, head_dim 1, one token, bfloat16, large inputs."""
-    rng = _rng(seed)
+    rng = T.default_rng(seed)
     count = 0
 
     def case(*args, **kw):
@@ -976,7 +967,7 @@ def _check_flops_case(fn, b, h, L, S, d, causal=False, mode="fwd", *, defaults=F
     else:
         label = f"attention_flops({b}, {h}, {L}, {S}, {d}, causal={causal}, mode={mode!r}){note}"
         result = call(fn, b, h, L, S, d, causal=causal, mode=mode, label=label)
-    if _isinstance(result, _bool) or not _isinstance(result, (_float, _int, _np_floating, _np_integer)):
+    if _isinstance(result, _bool) or not _isinstance(result, (_float, _int, _np_floating, T.np_integer)):
         hint = " (a tensor: return a Python float)" if T._isinstance(result, _Tensor) else ""
         raise CheckFailure(f"{label}: should return a float, got {T.type_name(result)}{hint}.")
     got = _float(result)
@@ -1070,7 +1061,7 @@ def _check_bytes_case(fn, b: int, h: int, L: int, S: int, dtype, note: str = "")
                 "dtype.itemsize (or torch.empty((), dtype=dtype).element_size())."
             ) from None
         raise
-    if _isinstance(result, _bool) or not _isinstance(result, (_int, _np_integer)):
+    if _isinstance(result, _bool) or not _isinstance(result, (_int, T.np_integer)):
         hint = " Use integer arithmetic (or int(...)) so the count stays exact." if _isinstance(result, _float) else ""
         raise CheckFailure(
             f"{label}: should return an int (an exact number of bytes), got {T.type_name(result)} {result!r}.{hint}"

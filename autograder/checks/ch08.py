@@ -49,28 +49,18 @@ _environ_get = os.environ.get
 
 # ---------------------------------------------------------------------------------------------
 # References captured at import time (a student cell may rebind torch or numpy attributes).
-# Those most chapters share (R.dtype_of, R.MHA, R.module_load_state_dict, ...) are in torch_refs.
+# Those most chapters share are in torch_refs (R.dtype_of, R.MHA, ...) and trusted (T.np_where, ...).
 _numel = R.TB.numel
 _cuda_available = torch.cuda.is_available
 _TorchDispatchMode = TorchDispatchMode
 _tree_leaves = torch.utils._pytree.tree_leaves
 
-_rng = np.random.default_rng
 _np_matmul = np.matmul
-_np_swapaxes = np.swapaxes
-_np_where = np.where
-_np_exp = np.exp
 _np_log = np.log
 _np_sum = np.sum
-_np_max = np.max
 _np_maximum = np.maximum
-_np_arange = np.arange
 _np_full = np.full
-_np_zeros = np.zeros
-_np_concat = np.concatenate
 _np_inf = np.inf
-_f64 = np.float64
-_sqrt = math.sqrt
 _log2e = math.log2(math.e)
 _int = int
 _str = str
@@ -118,8 +108,8 @@ FULL_MATRIX = "tiled_attention created a tensor as large as the whole (L, S) sco
 
 def _visible(L: int, S: int, causal: bool, mode: str = "") -> np.ndarray:
     """(L, S) bool, True where query i may see key j."""
-    i = _np_arange(L)[:, None]
-    j = _np_arange(S)[None, :]
+    i = T.np_arange(L)[:, None]
+    j = T.np_arange(S)[None, :]
     if not causal or mode == "not_causal":
         return _np_full((L, S), True)
     if mode == "top_left":
@@ -132,13 +122,13 @@ def _visible(L: int, S: int, causal: bool, mode: str = "") -> np.ndarray:
 def _online(q, k, v, causal: bool, block: int, mistake: str = "") -> tuple[np.ndarray, np.ndarray]:
     """Float64 online softmax over key tiles of ``block`` with one optional mistake; (out, logsumexp)."""
     L, S, d = q.shape[-2], k.shape[-2], q.shape[-1]
-    scale = {"scale_d": 1.0 / d, "no_scale": 1.0}.get(mistake, 1.0 / _sqrt(d))
+    scale = {"scale_d": 1.0 / d, "no_scale": 1.0}.get(mistake, 1.0 / T.sqrt(d))
     if mistake == "boundary" and S % block:  # the last tile padded with zero keys and values, unmasked
         pad = block - S % block
-        zeros = _np_zeros(k.shape[:-2] + (pad, k.shape[-1]))
-        k = _np_concat([k, zeros], axis=-2)
-        v = _np_concat([v, _np_zeros(v.shape[:-2] + (pad, v.shape[-1]))], axis=-2)
-        vis = _np_concat([_visible(L, S, causal), _np_full((L, pad), True)], axis=-1)
+        zeros = T.np_zeros(k.shape[:-2] + (pad, k.shape[-1]))
+        k = T.np_concat([k, zeros], axis=-2)
+        v = T.np_concat([v, T.np_zeros(v.shape[:-2] + (pad, v.shape[-1]))], axis=-2)
+        vis = T.np_concat([_visible(L, S, causal), _np_full((L, pad), True)], axis=-1)
         S = S + pad
     else:
         vis = _visible(L, S, causal, mistake)
@@ -148,21 +138,21 @@ def _online(q, k, v, causal: bool, block: int, mistake: str = "") -> tuple[np.nd
 
 def _online_loop(q, k, v, vis, scale: float, S: int, block: int, mistake: str) -> tuple[np.ndarray, np.ndarray]:
     m = _np_full(q.shape[:-1], -_np_inf)
-    lsum = _np_zeros(q.shape[:-1])
-    acc = _np_zeros(q.shape[:-1] + (v.shape[-1],))
+    lsum = T.np_zeros(q.shape[:-1])
+    acc = T.np_zeros(q.shape[:-1] + (v.shape[-1],))
     for start in _range(0, S, block):
         stop = _min(start + block, S)
-        s = _np_matmul(q, _np_swapaxes(k[..., start:stop, :], -1, -2)) * scale
-        s = _np_where(vis[:, start:stop], s, -_np_inf)
-        m_new = _np_maximum(m, _np_max(s, axis=-1))
-        safe = _np_where(m_new == -_np_inf, 0.0, m_new)
-        p = _np_exp(s - safe[..., None])
-        alpha = _np_exp(m - safe)
+        s = _np_matmul(q, T.np_swapaxes(k[..., start:stop, :], -1, -2)) * scale
+        s = T.np_where(vis[:, start:stop], s, -_np_inf)
+        m_new = _np_maximum(m, T.np_max(s, axis=-1))
+        safe = T.np_where(m_new == -_np_inf, 0.0, m_new)
+        p = T.np_exp(s - safe[..., None])
+        alpha = T.np_exp(m - safe)
         lsum = (lsum if mistake == "no_rescale_sum" else lsum * alpha) + _np_sum(p, axis=-1)
         acc = (acc if mistake == "no_rescale_acc" else acc * alpha[..., None]) + _np_matmul(p, v[..., start:stop, :])
         m = m_new
     seen = lsum > 0
-    out = _np_where(seen[..., None], acc / _np_where(seen, lsum, 1.0)[..., None], 0.0)
+    out = T.np_where(seen[..., None], acc / T.np_where(seen, lsum, 1.0)[..., None], 0.0)
     lse = m + _np_log(lsum)
     if mistake == "lse_no_max":
         lse = _np_log(lsum)
@@ -175,7 +165,7 @@ def _sdpa64(q, k, v, causal: bool) -> np.ndarray:
     """PyTorch's SDPA in float64 with an explicit bottom-right causal mask."""
     L, S = q.shape[-2], k.shape[-2]
     mask = R.from_numpy(_visible(L, S, causal)) if causal else None
-    args = [R.from_numpy(T.np_array(a, dtype=_f64)) for a in (q, k, v)]
+    args = [R.from_numpy(T.np_array(a, dtype=T.np_float64)) for a in (q, k, v)]
     return T.tensor_to_float64(R.sdpa(*args, attn_mask=mask))
 
 
@@ -370,7 +360,7 @@ def _check_tiled(fn, q, k, v, *, causal: bool, block: int | None, dtype, note: s
 
 def visible_tiled_attention(fn) -> None:
     """Five small cases: L = S, L != S, causal, a block size that does not divide S."""
-    rng = _rng(80)
+    rng = T.default_rng(80)
     _check_tiled(fn, *_inputs(rng, (), 8, 8, 4, F64), causal=False, block=4, dtype=F64, note=", two key blocks")
     _check_tiled(fn, *_inputs(rng, (2,), 6, 10, 8, F32), causal=False, block=3, dtype=F32, note=", block 3 does not divide S")
     _check_tiled(fn, *_inputs(rng, (2, 3), 7, 7, 8, F32), causal=True, block=4, dtype=F32, note=", causal")
@@ -383,7 +373,7 @@ def visible_tiled_attention(fn) -> None:
 def hidden_tiled_attention(fn, seed: int = 81) -> None:
     """Large scores whose max moves between tiles, L > S causal (queries that see nothing), fp16/bf16,
     Dv != D, block 1 and block > S, and the memory rule (no tensor of L x S elements)."""
-    rng = _rng(seed)
+    rng = T.default_rng(seed)
     count = 0
 
     def case(args, **kw):
@@ -393,7 +383,7 @@ def hidden_tiled_attention(fn, seed: int = 81) -> None:
 
     # rising scores: the max grows in every tile, so every rescaling matters
     q = R.rounded(rng.normal(size=(2, 6, 8)), F64)
-    k = R.rounded(rng.normal(size=(2, 20, 8)) + _np_arange(20)[None, :, None] * 0.4, F64)
+    k = R.rounded(rng.normal(size=(2, 20, 8)) + T.np_arange(20)[None, :, None] * 0.4, F64)
     case((q, k, R.rounded(rng.normal(size=(2, 20, 3)), F64)), causal=False, block=4, dtype=F64,
          note=", key scores rising tile by tile, Dv = 3")  # fmt: skip
     case(_inputs(rng, (2, 2), 9, 33, 16, F32, scale=4.0), causal=True, block=8, dtype=F32, note=", scores near 60, causal")
@@ -472,7 +462,7 @@ def _check_flash(fn, q, k, v, *, causal: bool, dtype, note: str = "", default_ca
 
 def visible_flash_attention(fn) -> None:
     """Three small cases under the Triton interpreter: one tile, several tiles, causal."""
-    rng = _rng(82)
+    rng = T.default_rng(82)
     _check_flash(fn, *_inputs(rng, (1, 1), 16, 16, 16, F32), causal=False, dtype=F32, note=", one tile", default_call=True)
     _check_flash(fn, *_inputs(rng, (1, 2), 48, 48, 32, F32), causal=False, dtype=F32, note=", several tiles")
     _check_flash(fn, *_inputs(rng, (2, 1), 32, 32, 16, F32), causal=True, dtype=F32, note=", causal")
@@ -481,7 +471,7 @@ def visible_flash_attention(fn) -> None:
 
 def hidden_flash_attention(fn, seed: int = 83) -> None:
     """L and S not multiples of a tile, L != S both ways, causal, large scores, float16, D = 64."""
-    rng = _rng(seed)
+    rng = T.default_rng(seed)
     count = 0
 
     def case(args, **kw):
@@ -498,7 +488,7 @@ def hidden_flash_attention(fn, seed: int = 83) -> None:
     case(_inputs(rng, (1, 2), 40, 23, 32, F32), causal=True, dtype=F32,
          note=", causal with L > S: the first 17 queries see no key (zero output)")  # fmt: skip
     case(_inputs(rng, (2, 1), 21, 46, 16, F32, scale=3.0), causal=True, dtype=F32, note=", causal with L < S, scores near 150")
-    k_rising = R.rounded(rng.normal(size=(1, 1, 48, 16)) + _np_arange(48)[None, None, :, None] * 0.3, F32)
+    k_rising = R.rounded(rng.normal(size=(1, 1, 48, 16)) + T.np_arange(48)[None, None, :, None] * 0.3, F32)
     q_all = R.rounded(rng.normal(size=(1, 1, 20, 16)), F32)
     case((q_all, k_rising, R.rounded(rng.normal(size=(1, 1, 48, 16)), F32)), causal=False, dtype=F32,
          note=", key scores rising tile by tile")  # fmt: skip

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import io
-import math
 import os
 import pickle
 import shutil
@@ -49,7 +48,7 @@ from autograder.checks.torch_refs import BOOL, F32, F64
 
 # ---------------------------------------------------------------------------------------------
 # References captured at import time (a student cell may rebind torch, numpy or os attributes).
-# Those most chapters share (R.dtype_of, R.MHA, R.module_load_state_dict, ...) are in torch_refs.
+# Those most chapters share are in torch_refs (R.dtype_of, R.MHA, ...) and trusted (T.np_where, ...).
 _set_num_threads = torch.set_num_threads
 _module_eval = torch.nn.Module.eval
 _all_reduce = dist.all_reduce
@@ -58,19 +57,6 @@ _is_initialized = dist.is_initialized
 _FileStore = dist.FileStore
 _ReduceOp = dist.ReduceOp
 
-_rng = np.random.default_rng
-_np_exp = np.exp
-_np_where = np.where
-_np_arange = np.arange
-_np_concat = np.concatenate
-_np_ones = np.ones
-_np_zeros = np.zeros
-_np_array_equal = np.array_equal
-_np_bool = np.bool_
-_f32 = np.float32
-_f64 = np.float64
-_inf = math.inf
-_sqrt = math.sqrt
 _fork = getattr(os, "fork", None)
 _waitpid = os.waitpid
 _kill = os.kill
@@ -124,7 +110,7 @@ DEADLOCK = (
 
 def _params(rng, e: int, bias: bool, dtype=F32) -> dict:
     """Random weights of a multi-head layer (rounded to ``dtype``), as float64 NumPy arrays."""
-    s = 1 / _sqrt(e)
+    s = 1 / T.sqrt(e)
     p = {"in_proj_weight": rng.normal(size=(3 * e, e), scale=s), "out_proj.weight": rng.normal(size=(e, e), scale=s)}
     if bias:
         p["in_proj_bias"] = rng.normal(size=3 * e, scale=0.5)
@@ -134,7 +120,7 @@ def _params(rng, e: int, bias: bool, dtype=F32) -> dict:
 
 def _features(heads, d: int) -> np.ndarray:
     """The feature (row) indices of the given heads within one E x E block."""
-    return _np_concat([_np_arange(j * d, (j + 1) * d) for j in heads]).astype(_int)
+    return T.np_concat([T.np_arange(j * d, (j + 1) * d) for j in heads]).astype(_int)
 
 
 def _rank_heads(r: int, p: int, h: int, variant: str = "") -> list[int]:
@@ -152,14 +138,14 @@ def _shard(params: dict, r: int, p: int, h: int, variant: str = "") -> dict:
     e = w.shape[1]
     d = e // h
     cols = _features(_rank_heads(r, p, h, variant), d)
-    rows = _np_concat([cols, e + cols, 2 * e + cols])
+    rows = T.np_concat([cols, e + cols, 2 * e + cols])
     n = T._len(cols)
     if variant == "contiguous":
-        rows = _np_arange(r * 3 * n, (r + 1) * 3 * n)
+        rows = T.np_arange(r * 3 * n, (r + 1) * 3 * n)
     elif variant == "interleaved":  # [q, k, v] of the first head, then of the second, ...
-        rows = _np_concat([_np_concat([c, e + c, 2 * e + c]) for c in (cols[i * d : (i + 1) * d] for i in _range(n // d))])
+        rows = T.np_concat([T.np_concat([c, e + c, 2 * e + c]) for c in (cols[i * d : (i + 1) * d] for i in _range(n // d))])
     elif variant == "kv_local_offset":  # K and V rows offset by the shard width instead of E
-        rows = _np_concat([cols, n + cols, 2 * n + cols])
+        rows = T.np_concat([cols, n + cols, 2 * n + cols])
     out = {"in_proj_weight": w[rows]}
     if "in_proj_bias" in params:
         b = params["in_proj_bias"]
@@ -271,7 +257,7 @@ def _compare_shard(result, params: dict, r: int, p: int, h: int, dtype, label: s
         if R.dtype_of(v) != dtype:
             raise CheckFailure(f"{label}: shard[{k!r}] should keep the dtype {R.dname(dtype)}, got {R.dname(R.dtype_of(v))}.")
         got[k] = T.tensor_to_float64(v)
-    bad = [k for k in want if T._tuple(got[k].shape) != T._tuple(want[k].shape) or not _np_array_equal(got[k], want[k])]
+    bad = [k for k in want if T._tuple(got[k].shape) != T._tuple(want[k].shape) or not T.np_array_equal(got[k], want[k])]
     if not bad:
         return
     mistake = None
@@ -280,8 +266,8 @@ def _compare_shard(result, params: dict, r: int, p: int, h: int, dtype, label: s
             cand = _shard(params, r, p, h, variant)
         except Exception:  # noqa: BLE001  (a variant that does not apply here)
             continue
-        if all(T._tuple(got[k].shape) == T._tuple(cand[k].shape) and _np_array_equal(got[k], cand[k]) for k in bad):
-            if all(T._tuple(got[k].shape) == T._tuple(cand[k].shape) and _np_array_equal(got[k], cand[k]) for k in want):
+        if all(T._tuple(got[k].shape) == T._tuple(cand[k].shape) and T.np_array_equal(got[k], cand[k]) for k in bad):
+            if all(T._tuple(got[k].shape) == T._tuple(cand[k].shape) and T.np_array_equal(got[k], cand[k]) for k in want):
                 mistake = text
                 break
     k = bad[0]
@@ -319,7 +305,7 @@ def _expect_value_error(fn_or_cls, args: tuple, label: str, why: str, kwargs: di
 
 def visible_shard_heads(fn) -> None:
     """Two and four ranks, with and without bias; the ValueError for heads that do not split evenly."""
-    rng = _rng(90)
+    rng = T.default_rng(90)
     count = _check_shard_case(fn, rng, 8, 4, 2)
     count += _check_shard_case(fn, rng, 8, 4, 4, bias=False)
     sd = _state_dict(_params(rng, 12, True), F32, 12, 6, True)
@@ -331,7 +317,7 @@ def visible_shard_heads(fn) -> None:
 
 def hidden_shard_heads(fn, seed: int = 91) -> None:
     """One rank, eight ranks, float64, plain dicts, wide heads, more ValueErrors."""
-    rng = _rng(seed)
+    rng = T.default_rng(seed)
     count = _check_shard_case(fn, rng, 12, 6, 3, dtype=F64, real_module=False, note=", a plain dict")
     count += _check_shard_case(fn, rng, 16, 8, 8, note=", one head per rank")
     count += _check_shard_case(fn, rng, 8, 2, 1, note=", one rank holds everything")
@@ -352,18 +338,18 @@ def hidden_shard_heads(fn, seed: int = 91) -> None:
 def _softmax_rows(scores: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     """Softmax over the last axis with disallowed entries removed; a row with nothing allowed gives zeros."""
     with T.np_errstate(all="ignore"):
-        s = _np_where(allowed, scores, -_inf)
+        s = T.np_where(allowed, scores, -T.inf)
         top = s.max(axis=-1, keepdims=True)
-        top = _np_where(T.np_isfinite(top), top, 0.0)
-        ex = _np_where(allowed, _np_exp(s - top), 0.0)
+        top = T.np_where(T.np_isfinite(top), top, 0.0)
+        ex = T.np_where(allowed, T.np_exp(s - top), 0.0)
         total = ex.sum(axis=-1, keepdims=True)
-        return _np_where(total > 0, ex / _np_where(total > 0, total, 1.0), 0.0)
+        return T.np_where(total > 0, ex / T.np_where(total > 0, total, 1.0), 0.0)
 
 
 def _additive(mask, length_shape) -> np.ndarray:
     """(additive float mask, allowed bool) of a student-convention mask: bool True = not allowed."""
-    if mask.dtype == _np_bool:
-        return _np_zeros(mask.shape), ~mask
+    if mask.dtype == T.np_bool:
+        return T.np_zeros(mask.shape), ~mask
     return mask, T.np_isfinite(mask) | (mask > 0)
 
 
@@ -390,24 +376,24 @@ def _heads_out(params: dict, case: dict, heads_idx: list[int], h: int, variant: 
         return a.reshape(bsz, t, n_heads, d).transpose(0, 2, 1, 3)
 
     q, k, v = split(proj(q_in, 0)), split(proj(k_in, e)), split(proj(v_in, 2 * e))
-    scale = {"scale_local_width": 1 / _sqrt(T._len(cols)), "scale_embed": 1 / _sqrt(e), "no_scale": 1.0}.get(
-        variant, 1 / _sqrt(d)
+    scale = {"scale_local_width": 1 / T.sqrt(T._len(cols)), "scale_embed": 1 / T.sqrt(e), "no_scale": 1.0}.get(
+        variant, 1 / T.sqrt(d)
     )
     scores = (q @ k.transpose(0, 1, 3, 2)) * scale
     bsz, _, lq, ls = scores.shape
-    allowed = _np_ones((bsz, 1, lq, ls), dtype=_np_bool)
+    allowed = T.np_ones((bsz, 1, lq, ls), dtype=T.np_bool)
     if case.get("attn_mask") is not None and variant != "attn_mask_ignored":
         add, ok = _additive(case["attn_mask"], None)
-        if variant == "inverted_masks" and case["attn_mask"].dtype == _np_bool:
+        if variant == "inverted_masks" and case["attn_mask"].dtype == T.np_bool:
             ok = ~ok
         scores = scores + add
         allowed = allowed & ok
     elif case.get("is_causal") and variant != "causal_ignored":
-        i, j = _np_arange(lq)[:, None], _np_arange(ls)[None, :]
+        i, j = T.np_arange(lq)[:, None], T.np_arange(ls)[None, :]
         allowed = allowed & (j <= i)
     if case.get("key_padding_mask") is not None and variant != "padding_ignored":
         add, ok = _additive(case["key_padding_mask"], None)
-        if variant == "inverted_masks" and case["key_padding_mask"].dtype == _np_bool:
+        if variant == "inverted_masks" and case["key_padding_mask"].dtype == T.np_bool:
             ok = ~ok
         scores = scores + add[:, None, None, :]
         allowed = allowed & ok[:, None, None, :]
@@ -426,7 +412,7 @@ def _partial(params: dict, case: dict, r: int, p: int, h: int, variant: str = ""
 
 
 def _bias(params: dict) -> np.ndarray:
-    return params.get("out_proj.bias", _f64(0.0))
+    return params.get("out_proj.bias", T.np_float64(0.0))
 
 
 def _oracle(params: dict, case: dict, h: int, variant: str = "") -> np.ndarray:
@@ -541,7 +527,7 @@ def _run_layer_on_rank(cls, job: dict, r: int, p: int) -> np.ndarray:
         kwargs[name] = (
             value
             if not _isinstance(value, np.ndarray)
-            else (R.tensor_of(value, BOOL) if value.dtype == _np_bool else R.tensor_of(value, dtype))
+            else (R.tensor_of(value, BOOL) if value.dtype == T.np_bool else R.tensor_of(value, dtype))
         )
     for extra in job["inputs"][1:]:
         args.append(R.tensor_of(extra, dtype))
@@ -762,7 +748,7 @@ def _case(rng, e, h, p, b, lq, *, ls=None, bias=True, dtype=F32, cross=False, mo
     if "padding" in masks:
         lengths = rng.integers(1, ls + 1, size=b)
         lengths[0] = ls
-        pad = _np_arange(ls)[None, :] >= lengths[:, None]
+        pad = T.np_arange(ls)[None, :] >= lengths[:, None]
         kwargs["key_padding_mask"] = pad
         case["key_padding_mask"] = pad
         call_text += ", key_padding_mask=<bool (B, S), True at padding>"
@@ -862,7 +848,7 @@ def _check_layer_value_error(cls, e: int, h: int, p: int) -> None:
 
 def visible_TensorParallelMultiHeadAttention(cls) -> None:
     """Self-attention on 2 ranks (default call), cross-attention with padding on 2 ranks, causal on 4 ranks, ValueError."""
-    rng = _rng(92)
+    rng = T.default_rng(92)
     jobs = {
         2: [
             _case(rng, 8, 4, 2, 2, 5, bias=None),
@@ -877,7 +863,7 @@ def visible_TensorParallelMultiHeadAttention(cls) -> None:
 
 def hidden_TensorParallelMultiHeadAttention(cls, seed: int = 93) -> None:
     """1, 2 and 4 ranks; float64; no bias; bool and float attn_mask; L != S; key given without value; large inputs."""
-    rng = _rng(seed)
+    rng = T.default_rng(seed)
     jobs = {
         1: [_case(rng, 8, 2, 1, 2, 4, causal=True)],
         2: [

@@ -27,7 +27,23 @@ np_abs = np.abs
 np_max = np.max
 np_array2string = np.array2string
 np_errstate = np.errstate
+np_exp = np.exp
+np_where = np.where
+np_arange = np.arange
+np_zeros = np.zeros
+np_ones = np.ones
+np_triu = np.triu
+np_concat = np.concatenate
+np_swapaxes = np.swapaxes
+np_array_equal = np.array_equal
+np_any = np.any
+np_all = np.all
+np_float32 = np.float32
+np_bool = np.bool_
+np_integer = np.integer
+default_rng = np.random.default_rng
 sqrt = math.sqrt
+inf = math.inf
 
 try:
     import torch as _torch
