@@ -53,6 +53,7 @@ _set_num_threads = torch.set_num_threads
 _module_eval = torch.nn.Module.eval
 _all_reduce = dist.all_reduce
 _init_pg = dist.init_process_group
+_dist_barrier = dist.barrier
 _is_initialized = dist.is_initialized
 _FileStore = dist.FileStore
 _ReduceOp = dist.ReduceOp
@@ -562,6 +563,9 @@ def _child(r: int, p: int, tmp: str, body) -> None:
         try:
             store = _FileStore(_path_join(tmp, "store"), p)
             _init_pg("gloo", store=store, rank=r, world_size=p, timeout=_timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+            # Every rank waits until all have joined: a rank that ran ``body`` and exited at once (a
+            # skeleton raises at construction) would otherwise break its peers' connection set-up.
+            _dist_barrier()
         except Exception as exc:  # noqa: BLE001
             status["setup_error"] = f"{T.type_name(exc)}: {exc}"
         else:
@@ -576,12 +580,25 @@ def _child(r: int, p: int, tmp: str, body) -> None:
         _os_exit(0)
 
 
+SETUP_ATTEMPTS = 3  # gloo's connection set-up can fail transiently on a loaded machine: start the ranks again
+
+
 def _run_forked(p: int, body, failed=None, deadline: float | None = None) -> list[dict] | None:
     """Run body(rank) on p forked processes joined by gloo; None when gloo cannot start here (no loopback).
 
     Returns one status dict per rank: {"rank", "results"} or {"rank", "crash" | "setup_error" | "timeout"}.
     When a rank crashes, or ``failed(results)`` is true for a rank's results, the others are killed soon after.
+    When some ranks fail to join the group (a transient connection error) and none ran ``body``, all are
+    started again, up to ``SETUP_ATTEMPTS`` times in all.
     """
+    for _attempt in _range(SETUP_ATTEMPTS):
+        statuses = _run_forked_once(p, body, failed, deadline)
+        if statuses is None or not any("setup_error" in s for s in statuses) or any("results" in s for s in statuses):
+            return statuses
+    return statuses
+
+
+def _run_forked_once(p: int, body, failed=None, deadline: float | None = None) -> list[dict] | None:
     deadline = DEADLINE_S if deadline is None else deadline
     if _is_initialized():
         raise CheckFailure(
