@@ -20,6 +20,7 @@ from pathlib import Path
 
 import matplotlib
 import nbformat
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -240,7 +241,8 @@ def test_self_attention_without_positions_is_permutation_equivariant() -> None:
 def _mapping_namespace() -> dict:
     cells = [c for c in nbformat.read(str(KERAS_NB), as_version=4).cells if "keras-mapping" in c.metadata.get("tags", [])]
     assert len(cells) == 1, "exactly one cell of the Keras appendix carries the tag keras-mapping"
-    ns: dict = {}
+    # The names the notebook's setup cell imports (running the cell itself would change global torch settings).
+    ns: dict = {"np": np, "torch": torch, "nn": torch.nn, "F": torch.nn.functional}
     exec(compile(cells[0].source, "<appendix_keras:keras-mapping>", "exec"), ns)
     return ns
 
