@@ -13,7 +13,10 @@ online softmax, tiled like the student's code) to name them. Two properties are 
 watching the call, not its result: ``tiled_attention`` must never create a tensor as large as the
 (L, S) score matrix (a ``TorchDispatchMode`` records the largest tensor each aten operation
 returns), and ``flash_attention`` must launch a Triton kernel and must not compute attention with
-PyTorch operations (matrix products, softmax, SDPA), which the same kind of mode records.
+PyTorch operations (matrix products, softmax, SDPA), which the same kind of mode records. That mode
+also hands the kernel guarded allocations (a NaN sentinel before, after and, for ``empty``, inside each
+new tensor), so a store past the end of the output and output entries never written are named, and
+such a write lands in the guard instead of memory the grader uses.
 
 Everything a student cell could rebind is captured when this module is imported, which the
 chapter's setup cell does before any student code runs (after it has set ``TRITON_INTERPRET``).
@@ -54,15 +57,36 @@ _numel = R.TB.numel
 _cuda_available = torch.cuda.is_available
 _TorchDispatchMode = TorchDispatchMode
 _tree_leaves = torch.utils._pytree.tree_leaves
+_as_strided = R.TB.as_strided
+_stride_of = R.TB.stride
+_view_as = R.TB.view
+_fill_ = R.TB.fill_
+_copy_ = R.TB.copy_
+_device_of = R.TB.__dict__["device"].__get__
+_detach = R.TB.detach
+_to_cpu = R.TB.cpu
+_to_numpy = R.TB.numpy
+_transpose = R.TB.transpose
+# A quiet NaN with a payload no arithmetic produces, per floating dtype: (integer view, bit pattern).
+_SENTINEL = {
+    F16: (torch.int16, 0x7E5A),
+    BF16: (torch.int16, 0x7FDA),
+    F32: (torch.int32, 0x7FC5A5A5),
+    F64: (torch.int64, 0x7FF8A5A5A5A5A5A5),
+}
 
 _np_matmul = np.matmul
 _np_log = np.log
 _np_sum = np.sum
 _np_maximum = np.maximum
+_np_minimum = np.minimum
+_np_ascontiguous = np.ascontiguousarray
+_np_argwhere = np.argwhere
 _np_full = np.full
 _np_inf = np.inf
 _log2e = math.log2(math.e)
 _int = int
+_sum_int = sum
 _str = str
 _range = range
 _min = min
@@ -100,6 +124,75 @@ BOUNDARY = (
 USED_TORCH = "flash_attention must compute attention in the Triton kernel, not call PyTorch's SDPA"
 NO_KERNEL = "flash_attention did not launch a Triton kernel"
 FULL_MATRIX = "tiled_attention created a tensor as large as the whole (L, S) score matrix"
+DROP_TAIL = (
+    "dropped the last partial key block: when block_size does not divide S, range(0, S - block_size + 1, "
+    "block_size) (or S // block_size blocks) never visits the last S % block_size keys; loop over range(0, S, "
+    "block_size) and slice k[..., start:start + block_size, :] (the slice stops at S by itself)."
+)
+NAN_EMPTY = (
+    "a query that sees no key (causal with L > S) must get a zero output, not 0/0 = NaN: its running sum stays 0, "
+    "so guard the final division (divide by 1 where the sum is 0) and the max (use 0 where it is still -inf)."
+)
+AVERAGE_BLOCKS = (
+    "normalised each key block separately and averaged the blocks' outputs: the blocks must share one softmax. "
+    "Keep the unnormalised sum exp(s - m) @ v and the running sum across blocks, rescale both when the max grows, "
+    "and divide once at the end."
+)
+INVERTED_RESCALE = (
+    "the rescale factor is inverted: when the running max grows from m_old to m_new, multiply the sum and the "
+    "accumulator by exp(m_old - m_new) <= 1, not exp(m_new - m_old)."
+)
+LSE_UNSCALED = (
+    "logsumexp from the unscaled max: the running max m was taken over the raw scores q @ k^T, but the sum is of "
+    "exp(scale * (s - m)), so logsumexp = scale * m + log(l), not m + log(l)."
+)
+NO_NORMALISE = (
+    "never divided the accumulator by the running sum: the output is acc / l at the end (acc holds sum exp(s - m) v, "
+    "unnormalised)."
+)
+IGNORED_BLOCK = "did you ignore block_size?"
+MAX_UNDERFLOW = (
+    "the running max must be each query row's own max, starting at -inf: with a max that starts at 0, or s.max() "
+    "over the whole tile instead of the max of each row, a row whose scores are all far below it underflows, "
+    "exp(s - m) = 0 for every key, and its output becomes 0 (or NaN)."
+)
+SCALE_DV = "scaled the scores by 1/sqrt(Dv), the value dimension: the scale is 1/sqrt(D), the dimension of q and k."
+LOCAL_COLS = (
+    "the causal mask used key positions inside the tile (0 .. block - 1) instead of their positions in the "
+    "sequence (start + 0 .. start + block - 1): add the tile's start before comparing with the query's position."
+)
+V_IS_K = "loaded the values from k (a copy-paste slip): the output is softmax(q k^T / sqrt(d)) k instead of ... v."
+SCALE_PADDED = (
+    "scaled the scores by 1/sqrt of the padded head dimension (BLOCK_D, the power of two the tile is padded to): "
+    "the scale is 1/sqrt(D) with the real D; the padding columns are zeros and change nothing else."
+)
+EXP2_NO_LOG2E = (
+    "used exp2 without folding log2(e) into the scale: exp2(x) = e^(x ln 2), so exp2 of scores scaled by 1/sqrt(d) "
+    "is the softmax of scores scaled by ln(2)/sqrt(d). Scale by log2(e)/sqrt(d) before exp2, or use exp."
+)
+EXP_WITH_LOG2E = (
+    "folded log2(e) into the scale but then used exp, not exp2: exp of scores scaled by log2(e)/sqrt(d) is the "
+    "softmax at the wrong temperature. Use exp2 with that scale, or exp with 1/sqrt(d)."
+)
+CAUSAL_SKIP = (
+    "skipped key tiles that hold visible keys: with causal=True the last key a query tile sees is "
+    "(tile + 1) * BLOCK_M - 1 + (S - L), not (tile + 1) * BLOCK_M - 1; the loop over key tiles must run up to "
+    "min(S, (tile + 1) * BLOCK_M + S - L) (bottom-right aligned, like the mask)."
+)
+KV_STRIDES = (
+    "loaded k and v with q's strides (or assumed contiguous inputs): pass k.stride() and v.stride() to the kernel "
+    "and use them for k and v (or call .contiguous() first); here k and v are transposed views, so their strides "
+    "differ from q's."
+)
+STORE_MASK = (
+    "wrote outside the output tensor: mask the store, tl.store(ptrs, out, mask=(rows < L)[:, None] & (cols < D)[None, :]), "
+    "so that the last tile of queries (and the padded head dimension) writes nothing past row L - 1 or column D - 1."
+)
+UNWRITTEN = (
+    "never wrote some entries of the output: they still hold the NaN this check fills new tensors with. Does the grid "
+    "cover every (batch, head) pair (B * H programs) and every tile of queries (cdiv(L, BLOCK_M)), and does each "
+    "program store all its rows?"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,10 +212,17 @@ def _visible(L: int, S: int, causal: bool, mode: str = "") -> np.ndarray:
     return j <= i + (S - L)
 
 
-def _online(q, k, v, causal: bool, block: int, mistake: str = "") -> tuple[np.ndarray, np.ndarray]:
-    """Float64 online softmax over key tiles of ``block`` with one optional mistake; (out, logsumexp)."""
+def _online(
+    q, k, v, causal: bool, block: int, mistake: str = "", *, scale: float | None = None, skip: tuple | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 online softmax over key tiles of ``block`` with one optional mistake; (out, logsumexp).
+
+    ``scale`` replaces 1/sqrt(d); ``skip = (block_m, block_n)`` drops the key tiles that a kernel with a
+    top-left causal loop bound, min(S, (tile + 1) * block_m), never visits.
+    """
     L, S, d = q.shape[-2], k.shape[-2], q.shape[-1]
-    scale = {"scale_d": 1.0 / d, "no_scale": 1.0}.get(mistake, 1.0 / T.sqrt(d))
+    if scale is None:
+        scale = {"scale_d": 1.0 / d, "no_scale": 1.0}.get(mistake, 1.0 / T.sqrt(d))
     if mistake == "boundary" and S % block:  # the last tile padded with zero keys and values, unmasked
         pad = block - S % block
         zeros = T.np_zeros(k.shape[:-2] + (pad, k.shape[-1]))
@@ -132,32 +232,60 @@ def _online(q, k, v, causal: bool, block: int, mistake: str = "") -> tuple[np.nd
         S = S + pad
     else:
         vis = _visible(L, S, causal, mistake)
+    if mistake == "local_cols" and causal:  # the key's index within its tile compared with the query position
+        j_local = T.np_arange(S)[None, :] % block
+        vis = j_local <= T.np_arange(L)[:, None] + (S - L)
+    if mistake == "drop_tail":  # the loop stops before the last partial block
+        S = S // block * block
+        k, v, vis = k[..., :S, :], v[..., :S, :], vis[:, :S]
+    if skip is not None:
+        block_m, block_n = skip
+        hi = _np_minimum(S, (T.np_arange(L) // block_m + 1) * block_m)  # the loop bound of each query's tile
+        vis = vis & (T.np_arange(S)[None, :] < -(-hi // block_n)[:, None] * block_n)
     with T.np_errstate(all="ignore"):  # -inf - -inf and log(0) are expected for queries that see no key
         return _online_loop(q, k, v, vis, scale, S, block, mistake)
 
 
 def _online_loop(q, k, v, vis, scale: float, S: int, block: int, mistake: str) -> tuple[np.ndarray, np.ndarray]:
-    m = _np_full(q.shape[:-1], -_np_inf)
+    m = T.np_zeros(q.shape[:-1]) if mistake == "max_zero" else _np_full(q.shape[:-1], -_np_inf)
     lsum = T.np_zeros(q.shape[:-1])
     acc = T.np_zeros(q.shape[:-1] + (v.shape[-1],))
+    blocks = 0
     for start in _range(0, S, block):
         stop = _min(start + block, S)
         s = _np_matmul(q, T.np_swapaxes(k[..., start:stop, :], -1, -2)) * scale
         s = T.np_where(vis[:, start:stop], s, -_np_inf)
-        m_new = _np_maximum(m, T.np_max(s, axis=-1))
+        m_new = _np_maximum(m, T.np_max(s, axis=-1) if mistake != "global_max" else T.np_max(s))
         safe = T.np_where(m_new == -_np_inf, 0.0, m_new)
         p = T.np_exp(s - safe[..., None])
         alpha = T.np_exp(m - safe)
+        if mistake == "inverted" or (mistake == "inverted_first" and start > 0):
+            alpha = T.np_exp(safe - m)
+        elif mistake == "inverted_first":  # the first block only sets the sum and the accumulator
+            alpha = T.np_ones(m.shape)
+        if mistake == "average_blocks":  # each block's own softmax, averaged over the blocks
+            own = T.np_exp(s - T.np_max(s, axis=-1)[..., None])
+            acc = acc + _np_matmul(own / _np_sum(own, axis=-1)[..., None], v[..., start:stop, :])
+            blocks += 1
+        else:
+            acc = (acc if mistake == "no_rescale_acc" else acc * alpha[..., None]) + _np_matmul(p, v[..., start:stop, :])
         lsum = (lsum if mistake == "no_rescale_sum" else lsum * alpha) + _np_sum(p, axis=-1)
-        acc = (acc if mistake == "no_rescale_acc" else acc * alpha[..., None]) + _np_matmul(p, v[..., start:stop, :])
         m = m_new
     seen = lsum > 0
     out = T.np_where(seen[..., None], acc / T.np_where(seen, lsum, 1.0)[..., None], 0.0)
+    if mistake == "average_blocks":
+        out = acc / _max(blocks, 1)
+    elif mistake == "no_normalise":
+        out = acc
+    elif mistake == "nan_empty":
+        out = acc / lsum[..., None]
     lse = m + _np_log(lsum)
     if mistake == "lse_no_max":
         lse = _np_log(lsum)
     elif mistake == "lse_base2":
         lse = lse * _log2e
+    elif mistake == "lse_unscaled":
+        lse = m / scale + _np_log(lsum)
     return out, lse
 
 
@@ -232,23 +360,73 @@ def _inputs(rng, lead: tuple, L: int, S: int, d: int, dtype, scale: float = 1.0,
 
 
 class _Recorder(_TorchDispatchMode):
-    """Records the names of the aten operations run inside it and the largest tensor they return."""
+    """Records the names of the aten operations run inside it and the largest tensor they return.
 
-    def __init__(self):
+    With ``guard=True`` every floating tensor that an allocation (``empty_like``, ``zeros``, ...) returns is
+    replaced by a view into a larger buffer whose margins before and after hold a NaN sentinel, and the
+    contents of ``empty*`` results hold it too: afterwards :meth:`overrun` says whether a kernel wrote past
+    (or before) a tensor it was given, and :func:`_unwritten` which output entries it never wrote. The margins
+    also keep such a write from corrupting memory the process uses.
+    """
+
+    _ALLOCATIONS = frozenset(
+        ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "zeros", "zeros_like", "new_zeros")
+        + ("ones", "ones_like", "new_ones", "full", "full_like", "new_full")
+    )
+
+    def __init__(self, guard: bool = False):
         super().__init__()
         self.largest = 0
         self.largest_shape = ()
         self.ops: set = set()
+        self.guard = guard
+        self.guarded: list = []  # (buffer, margin, span) per guarded allocation
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        self.ops.add(_str(func))
+        name = _str(func)
+        self.ops.add(name)
+        if self.guard and _isinstance(out, T.Tensor) and name.split(".")[1] in self._ALLOCATIONS:
+            out = self._guarded(out, fill=name.split(".")[1].startswith(("empty", "new_empty")))
         for leaf in _tree_leaves(out):
             if _isinstance(leaf, T.Tensor):
                 n = _numel(leaf)
                 if n > self.largest:
                     self.largest, self.largest_shape = n, T._tuple(R.shape_of(leaf))
         return out
+
+    def _guarded(self, out, fill: bool):
+        dtype = R.dtype_of(out)
+        if dtype not in _SENTINEL or _numel(out) == 0:
+            return out
+        shape, strides = T._tuple(R.shape_of(out)), T._tuple(_stride_of(out))
+        span = 1 + _sum_int((n - 1) * st for n, st in zip(shape, strides, strict=True))
+        margin = span + 16384  # more than a tile of queries can overshoot
+        int_dtype, bits = _SENTINEL[dtype]
+        buffer = R.t_empty(margin + span + margin, dtype=dtype, device=_device_of(out))
+        _fill_(_view_as(buffer, int_dtype), bits)
+        view = _as_strided(buffer, shape, strides, margin)
+        if not fill:
+            _copy_(view, out)
+        self.guarded.append((buffer, margin, span))
+        return view
+
+    def overrun(self) -> int:
+        """How many elements of the guard margins were overwritten."""
+        changed = 0
+        for buffer, margin, span in self.guarded:
+            int_dtype, bits = _SENTINEL[R.dtype_of(buffer)]
+            raw = _to_numpy(_to_cpu(_detach(_view_as(buffer, int_dtype))))
+            changed += _int(_np_sum(raw[:margin] != bits)) + _int(_np_sum(raw[margin + span :] != bits))
+        return changed
+
+
+def _unwritten(result) -> np.ndarray | None:
+    """Bool array, True where ``result`` still holds the allocation sentinel (None if the dtype has none)."""
+    if R.dtype_of(result) not in _SENTINEL:
+        return None
+    int_dtype, bits = _SENTINEL[R.dtype_of(result)]
+    return _to_numpy(_to_cpu(_detach(_view_as(result, int_dtype)))) == bits
 
 
 # aten operations that compute attention (or its pieces) in PyTorch instead of in a Triton kernel
@@ -307,9 +485,20 @@ def _tiled_prints(q, k, v, causal: bool, block: int) -> dict:
         ("top_left", TOP_LEFT),
         ("off_by_one", OFF_BY_ONE),
         ("not_causal", NOT_CAUSAL),
+        ("drop_tail", DROP_TAIL),
+        ("nan_empty", NAN_EMPTY),
+        ("average_blocks", AVERAGE_BLOCKS),
+        ("inverted_first", INVERTED_RESCALE),
+        ("inverted", INVERTED_RESCALE + " "),  # the same message (a dict key per fingerprint)
+        ("no_normalise", NO_NORMALISE),
+        ("max_zero", MAX_UNDERFLOW),
+        ("global_max", MAX_UNDERFLOW + " "),
+        ("local_cols", LOCAL_COLS),
     ):
-        if causal or mistake not in ("top_left", "off_by_one", "not_causal"):
+        if causal or mistake not in ("top_left", "off_by_one", "not_causal", "local_cols"):
             prints[message] = _online(q, k, v, causal, block, mistake)
+    if v.shape[-1] != q.shape[-1]:
+        prints[SCALE_DV] = _online(q, k, v, causal, block, scale=1.0 / T.sqrt(v.shape[-1]))
     return prints
 
 
@@ -340,6 +529,7 @@ def _check_tiled(fn, q, k, v, *, causal: bool, block: int | None, dtype, note: s
     lse_prints = {m: (lambda o=o: o[1]) for m, o in prints.items()}
     lse_prints[LSE_NO_MAX] = lambda: _online(q, k, v, causal, block or 64, "lse_no_max")[1]
     lse_prints[LSE_BASE2] = lambda: _online(q, k, v, causal, block or 64, "lse_base2")[1]
+    lse_prints[LSE_UNSCALED] = lambda: _online(q, k, v, causal, block or 64, "lse_unscaled")[1]
     finite = exp_lse[T.np_isfinite(exp_lse)]
     lse_scale = float(T.np_max(T.np_abs(finite))) if finite.size else 1.0
     lse_atol = (1e-10 if dtype == F64 else 2e-5) * _max(1.0, lse_scale)
@@ -355,6 +545,12 @@ def _check_tiled(fn, q, k, v, *, causal: bool, block: int | None, dtype, note: s
             f"{recorder.largest_shape}); L x S = {L} x {S} = {L * S}. "
             f"{FULL_MATRIX}: compute the scores one block of keys at a time, (..., L, block_size), and keep only "
             "the running max, the running sum and the output accumulator between blocks."
+            + (
+                f" Its last dimension is {recorder.largest_shape[-1]} but block_size={block}: {IGNORED_BLOCK} The "
+                "tiles must be block_size keys wide."
+                if recorder.largest_shape and block is not None and recorder.largest_shape[-1] != block
+                else ""
+            )
         )
 
 
@@ -372,7 +568,8 @@ def visible_tiled_attention(fn) -> None:
 
 def hidden_tiled_attention(fn, seed: int = 81) -> None:
     """Large scores whose max moves between tiles, L > S causal (queries that see nothing), fp16/bf16,
-    Dv != D, block 1 and block > S, and the memory rule (no tensor of L x S elements)."""
+    Dv != D, block 1 and block > S, and the memory rule (no tensor of L x S elements, also with S = 64, the
+    default block size, so that tiles that ignore block_size are seen)."""
     rng = T.default_rng(seed)
     count = 0
 
@@ -391,12 +588,18 @@ def hidden_tiled_attention(fn, seed: int = 81) -> None:
          note=", causal with L > S: the first 7 queries see no key (zero output, logsumexp -inf)")  # fmt: skip
     case(_inputs(rng, (1,), 9, 7, 4, F32), causal=True, block=1, dtype=F32, note=", block_size=1")
     case(_inputs(rng, (2,), 5, 6, 4, F32), causal=False, block=64, dtype=F32, note=", block larger than S")
+    q, k, v = _inputs(rng, (2,), 10, 12, 8, F64)
+    k[..., 0] = 60.0 + 0.1 * k[..., 0]
+    q[:, :5, 0] -= 60.0  # rows 0-4 score about -1270 on every key: exp underflows unless each row has its own max
+    case((q, k, v), causal=False, block=4, dtype=F64, note=", queries 0-4 score about -1270 on every key")
     case(_inputs(rng, (2, 2), 16, 24, 16, F16, scale=2.0), causal=True, block=8, dtype=F16, note=", float16")
     case(_inputs(rng, (2,), 11, 19, 8, BF16), causal=False, block=8, dtype=BF16, note=", bfloat16")
     case(_inputs(rng, (), 128, 128, 8, F32), causal=True, block=16, dtype=F32, memory=True,
          note=", memory: no tensor may have L x S elements")  # fmt: skip
     case(_inputs(rng, (), 96, 160, 4, F32), causal=False, block=32, dtype=F32, memory=True,
          note=", memory: no tensor may have L x S elements")  # fmt: skip
+    case(_inputs(rng, (), 256, 64, 8, F32), causal=True, block=16, dtype=F32, memory=True,
+         note=", memory with S = 64: no tensor may have L x S elements (tiles of block_size=16 keys)")  # fmt: skip
     passed("tiled_attention", count, hidden=True)
 
 
@@ -405,16 +608,41 @@ def hidden_tiled_attention(fn, seed: int = 81) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _flash_prints(q, k, v, causal: bool) -> dict:
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def _flash_prints(q, k, v, causal: bool, kv_transposed: bool = False) -> dict:
     """The outputs of known kernel mistakes; tile-dependent ones are tried at the usual tile sizes."""
+    d = q.shape[-1]
     prints = {
         SCALE_D: lambda: _online(q, k, v, causal, 16, "scale_d")[0],
         NO_SCALE: lambda: _online(q, k, v, causal, 16, "no_scale")[0],
+        EXP2_NO_LOG2E: lambda: _online(q, k, v, causal, 16, scale=math.log(2.0) / T.sqrt(d))[0],
+        EXP_WITH_LOG2E: lambda: _online(q, k, v, causal, 16, scale=_log2e / T.sqrt(d))[0],
+        NO_NORMALISE: lambda: _online(q, k, v, causal, 16, "no_normalise")[0],
+        NAN_EMPTY: lambda: _online(q, k, v, causal, 16, "nan_empty")[0],
+        MAX_UNDERFLOW: lambda: _online(q, k, v, causal, 16, "max_zero")[0],
+        V_IS_K: lambda: _online(q, k, k, causal, 16)[0],
     }
+    for padded in sorted({_pow2(d), _max(16, _pow2(d))} - {d}):
+        prints[f"{SCALE_PADDED} (here {padded} instead of {d})"] = lambda padded=padded: _online(
+            q, k, v, causal, 16, scale=1.0 / T.sqrt(padded)
+        )[0]
+    if kv_transposed:  # the kernel read the (B, S, H, D) buffers of k and v as if they were (B, H, S, D)
+        B, H, S = k.shape[0], k.shape[1], k.shape[2]
+        flat_k = _np_ascontiguous(T.np_swapaxes(k, 1, 2)).reshape(B, H, S, k.shape[-1])
+        flat_v = _np_ascontiguous(T.np_swapaxes(v, 1, 2)).reshape(B, H, S, v.shape[-1])
+        prints[KV_STRIDES] = lambda: _online(q, flat_k, flat_v, causal, 16)[0]
     if causal:
         prints[TOP_LEFT] = lambda: _online(q, k, v, causal, 16, "top_left")[0]
         prints[OFF_BY_ONE] = lambda: _online(q, k, v, causal, 16, "off_by_one")[0]
         prints[NOT_CAUSAL] = lambda: _online(q, k, v, causal, 16, "not_causal")[0]
+        for block in (16, 32, 64, 128):
+            prints[f"{LOCAL_COLS} (key tiles of {block})"] = lambda block=block: _online(q, k, v, causal, block, "local_cols")[0]
+        for tiles in ((16, 16), (32, 32), (64, 64), (128, 128), (32, 16), (64, 32), (128, 64), (16, 32)):
+            message = f"{CAUSAL_SKIP} (query tiles of {tiles[0]}, key tiles of {tiles[1]})"
+            prints[message] = lambda skip=tiles: _online(q, k, v, causal, 16, skip=skip)[0]
     for mistake, message in (("no_rescale_acc", NO_RESCALE_ACC), ("no_rescale_sum", NO_RESCALE_SUM), ("boundary", BOUNDARY)):
         for block in (16, 32, 64, 128, 8):
             prints[f"{message} (key tiles of {block})"] = lambda block=block, mistake=mistake: _online(
@@ -428,16 +656,22 @@ def _device() -> str:
     return "cuda" if _cuda_available() and not interpreting else "cpu"
 
 
-def _check_flash(fn, q, k, v, *, causal: bool, dtype, note: str = "", default_call: bool = False) -> None:
+def _check_flash(
+    fn, q, k, v, *, causal: bool, dtype, note: str = "", default_call: bool = False, kv_transposed: bool = False
+) -> None:
     B, H, L, d = q.shape
     device = _device()
     where = f"q {T._tuple(q.shape)}, k and v {T._tuple(k.shape)}, {R.dname(dtype)}, {device}"
     label = f"flash_attention(q, k, v{'' if default_call else f', causal={causal}'}) [{where}{note}]"
     if _Interpreted is None:
         raise CheckFailure(f"{label}: Triton is not installed in this environment (pip install triton).")
-    qt, kt, vt = (R.tensor_of(a, dtype, device) for a in (q, k, v))
+    qt = R.tensor_of(q, dtype, device)
+    if kv_transposed:  # strides (S*H*D, D, H*D, 1): not contiguous, and different from q's
+        kt, vt = (_transpose(R.tensor_of(_np_ascontiguous(T.np_swapaxes(a, 1, 2)), dtype, device), 1, 2) for a in (k, v))
+    else:
+        kt, vt = (R.tensor_of(a, dtype, device) for a in (k, v))
     before = [R.clone(t) for t in (qt, kt, vt)]
-    recorder = _Recorder()
+    recorder = _Recorder(guard=True)
     with _LaunchCounter() as launches, recorder:
         result = call(fn, qt, kt, vt, label=label) if default_call else call(fn, qt, kt, vt, causal=causal, label=label)
     used = sorted(op for op in recorder.ops if _is_torch_math(op))
@@ -451,10 +685,30 @@ def _check_flash(fn, q, k, v, *, causal: bool, dtype, note: str = "", default_ca
             f"{label}: {NO_KERNEL}. Define a @triton.jit kernel and launch it with kernel[grid](...); the output must "
             "be written by the kernel."
         )
+    overrun = recorder.overrun()
+    if overrun:
+        raise CheckFailure(
+            f"{label}: the kernel {STORE_MASK} It wrote {overrun} elements outside the tensors allocated during the "
+            f"call (here L = {L}, D = {d})."
+        )
     expected = _sdpa64(q, k, v, causal)
     atol = _atol(dtype, _sdpa_error(q, k, v, causal, dtype, expected), float(T.np_max(T.np_abs(v))))
     out = _as_tensor(result, label=label, what="output", dtype=dtype, shape=(B, H, L, d))
-    _compare(out, expected, label=label, what="output", atol=atol, fingerprints=_flash_prints(q, k, v, causal))
+    unwritten = _unwritten(result)
+    if unwritten is not None and unwritten.any():
+        heads = sorted({(_int(b), _int(h)) for b, h, _, _ in _np_argwhere(unwritten)})
+        rows = sorted({_int(i) for _, _, i, _ in _np_argwhere(unwritten)})
+        _fail(
+            label,
+            "output",
+            out,
+            expected,
+            atol,
+            [f"the kernel {UNWRITTEN}"],
+            f"  {_int(_np_sum(unwritten))} of {unwritten.size} entries unwritten; (batch, head) pairs {heads[:6]}"
+            f"{' ...' if len(heads) > 6 else ''}, query rows {rows[:8]}{' ...' if len(rows) > 8 else ''}.",
+        )
+    _compare(out, expected, label=label, what="output", atol=atol, fingerprints=_flash_prints(q, k, v, causal, kv_transposed))
     for name, t, b in zip(("q", "k", "v"), (qt, kt, vt), before, strict=True):
         if not R.t_equal(t, b):
             raise CheckFailure(f"{label}: flash_attention changed its input {name} in place.")
@@ -470,7 +724,9 @@ def visible_flash_attention(fn) -> None:
 
 
 def hidden_flash_attention(fn, seed: int = 83) -> None:
-    """L and S not multiples of a tile, L != S both ways, causal, large scores, float16, D = 64."""
+    """Strided k and v, L and S not multiples of a tile, L != S both ways, causal, large scores, float16,
+    D = 64, and D = 24 and 40 (not powers of two). Every tensor allocated during a call is guarded: writes past
+    its end and entries never written are named."""
     rng = T.default_rng(seed)
     count = 0
 
@@ -479,6 +735,8 @@ def hidden_flash_attention(fn, seed: int = 83) -> None:
         _check_flash(fn, *args, **kw)
         count += 1
 
+    case(_inputs(rng, (1, 2), 20, 20, 16, F32), causal=False, dtype=F32, kv_transposed=True,
+         note=", k and v are transposed views of (B, S, H, D) buffers: their strides differ from q's")  # fmt: skip
     case(
         _inputs(rng, (1, 1), 37, 45, 16, F32, scale=2.0),
         causal=False,
@@ -493,7 +751,15 @@ def hidden_flash_attention(fn, seed: int = 83) -> None:
     case((q_all, k_rising, R.rounded(rng.normal(size=(1, 1, 48, 16)), F32)), causal=False, dtype=F32,
          note=", key scores rising tile by tile")  # fmt: skip
     case(_inputs(rng, (1, 2), 33, 33, 32, F16), causal=True, dtype=F16, note=", float16")
+    q, k, v = _inputs(rng, (1, 2), 20, 24, 16, F32)
+    k[..., 0] = R.rounded(60.0 + 0.1 * k[..., 0], F32)
+    q[..., :10, 0] = R.rounded(q[..., :10, 0] - 60.0, F32)  # rows 0-9 score about -900 on every key
+    case((q, k, v), causal=True, dtype=F32, note=", queries 0-9 score about -900 on every key")
     case(_inputs(rng, (1, 1), 24, 17, 64, F32), causal=False, dtype=F32, note=", D = 64")
+    case(_inputs(rng, (1, 2), 19, 27, 24, F32, scale=2.0), causal=False, dtype=F32,
+         note=", D = 24: not a power of two (the tile is padded to 32 columns)")  # fmt: skip
+    case(_inputs(rng, (2, 1), 18, 18, 40, F32, scale=2.0), causal=True, dtype=F32,
+         note=", D = 40: not a power of two (the tile is padded to 64 columns)")  # fmt: skip
     passed("flash_attention", count, hidden=True)
 
 

@@ -40,22 +40,25 @@ def flash_attention(q, k, v, causal=False):
     if not hasattr(flash_attention, "compiled"):
 
         @triton.jit
-        def attn_fwd(Q, K, V, O, sb, sh, sl, kb, kh, ks, H, L, S, scale,
-                     IS_CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DH: tl.constexpr):
+        def attn_fwd(Q, K, V, O, sb, sh, sl, kb, kh, ks, H, L, S, D, scale,
+                     IS_CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr):
             pid_m = tl.program_id(0)
             pid_bh = tl.program_id(1)
             bi = pid_bh // H
             hi = pid_bh % H
             rows = pid_m * BM + tl.arange(0, BM)
-            dims = tl.arange(0, DH)
-            q = tl.load(Q + bi * sb + hi * sh + rows[:, None] * sl + dims[None, :], mask=rows[:, None] < L, other=0.0)
+            dims = tl.arange(0, DP)
+            q = tl.load(Q + bi * sb + hi * sh + rows[:, None] * sl + dims[None, :],
+                        mask=(rows[:, None] < L) & (dims[None, :] < D), other=0.0)
             m = tl.zeros([BM], dtype=tl.float32) - float("inf")
             l = tl.zeros([BM], dtype=tl.float32)
-            acc = tl.zeros([BM, DH], dtype=tl.float32)
+            acc = tl.zeros([BM, DP], dtype=tl.float32)
             for n0 in range(0, S, BN):
                 cols = n0 + tl.arange(0, BN)
-                kt = tl.load(K + bi * kb + hi * kh + cols[None, :] * ks + dims[:, None], mask=cols[None, :] < S, other=0.0)
-                vv = tl.load(V + bi * kb + hi * kh + cols[:, None] * ks + dims[None, :], mask=cols[:, None] < S, other=0.0)
+                kt = tl.load(K + bi * kb + hi * kh + cols[None, :] * ks + dims[:, None],
+                             mask=(cols[None, :] < S) & (dims[:, None] < D), other=0.0)
+                vv = tl.load(V + bi * kb + hi * kh + cols[:, None] * ks + dims[None, :],
+                             mask=(cols[:, None] < S) & (dims[None, :] < D), other=0.0)
                 s = tl.dot(q, kt, input_precision="ieee") * scale
                 ok = cols[None, :] < S
                 if IS_CAUSAL:
@@ -69,19 +72,20 @@ def flash_attention(q, k, v, causal=False):
                 acc = acc * corr[:, None] + tl.dot(p, vv.to(tl.float32), input_precision="ieee")
                 m = m_new
             acc = acc / tl.where(l > 0, l, 1.0)[:, None]
-            tl.store(O + bi * sb + hi * sh + rows[:, None] * sl + dims[None, :], acc.to(O.dtype.element_ty),
-                     mask=rows[:, None] < L)
+            o_ptrs = O + bi * sb + hi * sh + rows[:, None] * sl + dims[None, :]
+            tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=(rows[:, None] < L) & (dims[None, :] < D))
 
         flash_attention.compiled = attn_fwd
 
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, H, L, D = q.shape
     S = k.shape[2]
+    DP = max(16, triton.next_power_of_2(D))
     o = torch.empty_like(q)
     grid = (triton.cdiv(L, 16), B * H)
     flash_attention.compiled[grid](q, k, v, o, q.stride(0), q.stride(1), q.stride(2),
-                                   k.stride(0), k.stride(1), k.stride(2), H, L, S, 1.0 / math.sqrt(D),
-                                   IS_CAUSAL=causal, BM=16, BN=16, DH=D)
+                                   k.stride(0), k.stride(1), k.stride(2), H, L, S, D, 1.0 / math.sqrt(D),
+                                   IS_CAUSAL=causal, BM=16, BN=16, DP=DP)
     return o
 """
 
@@ -93,6 +97,13 @@ def _edit(template: str, old: str, new: str, count: int = 1) -> str:
     if template.count(old) != count:
         raise ValueError(f"mutant edit {old!r} occurs {template.count(old)} times, expected {count}")
     return template.replace(old, new)
+
+
+def _edits(template: str, *pairs: tuple[str, str]) -> str:
+    """``template`` with each ``(old, new)`` of ``pairs`` applied in turn by :func:`_edit`."""
+    for old, new in pairs:
+        template = _edit(template, old, new)
+    return template
 
 
 T, FL = TILED_TEMPLATE, FLASH_TEMPLATE
@@ -148,6 +159,88 @@ def tiled_attention(q, k, v, block_size=64, causal=False):
     return (w @ v).to(dt), lse
 """,
     ),
+    Mutant(
+        "tiled_attention",
+        "drops_last_partial_block",
+        "dropped the last partial key block",
+        _edit(T, "for j0 in range(0, S, block_size):", "for j0 in range(0, S - block_size + 1, block_size):"),
+    ),
+    Mutant(
+        "tiled_attention",
+        "off_by_one_causal_mask",
+        "causal mask is off by one",
+        _edit(T, "cols > rows + (S - L)", "cols >= rows + (S - L)"),
+    ),
+    Mutant(
+        "tiled_attention",
+        "logsumexp_in_base_2",
+        "logsumexp in base 2",
+        _edits(
+            T,
+            ("s = q @ kb.transpose(-1, -2) / math.sqrt(d)", "s = q @ kb.transpose(-1, -2) * (math.log2(math.e) / math.sqrt(d))"),
+            ("p = torch.exp(s - m_ok[..., None])", "p = torch.exp2(s - m_ok[..., None])"),
+            ("corr = torch.exp(m - m_ok)", "corr = torch.exp2(m - m_ok)"),
+            ("lse = m + torch.log(l)", "lse = m + torch.log2(l)"),
+        ),
+    ),
+    Mutant(
+        "tiled_attention",
+        "nan_for_a_query_that_sees_no_key",
+        "not 0/0 = NaN",
+        _edit(T, "out = acc / l.clamp_min(1e-300 if ft == torch.float64 else 1e-30)[..., None]", "out = acc / l[..., None]"),
+    ),
+    Mutant(
+        "tiled_attention",
+        "averages_per_block_softmax_outputs",
+        "normalised each key block separately",
+        _edits(
+            T,
+            ("acc = acc * corr[..., None] + p @ vb", "acc = acc + torch.softmax(s, dim=-1) @ vb  # this block's own softmax"),
+            (
+                "out = acc / l.clamp_min(1e-300 if ft == torch.float64 else 1e-30)[..., None]",
+                "out = acc / len(range(0, S, block_size))  # the average over the blocks",
+            ),
+        ),
+    ),
+    Mutant(
+        "tiled_attention",
+        "inverted_rescale_factor",
+        "rescale factor is inverted",
+        _edit(T, "corr = torch.exp(m - m_ok)", "corr = torch.exp(m_ok - m) if j0 > 0 else torch.ones_like(m)"),
+    ),
+    Mutant(
+        "tiled_attention",
+        "logsumexp_from_the_unscaled_max",
+        "logsumexp from the unscaled max",
+        _edits(
+            T,
+            ("s = q @ kb.transpose(-1, -2) / math.sqrt(d)", "s = q @ kb.transpose(-1, -2)"),
+            ("p = torch.exp(s - m_ok[..., None])", "p = torch.exp((s - m_ok[..., None]) / math.sqrt(d))"),
+            ("corr = torch.exp(m - m_ok)", "corr = torch.exp((m - m_ok) / math.sqrt(d))"),
+        ),
+    ),
+    Mutant(
+        "tiled_attention",
+        "ignores_block_size",
+        "did you ignore block_size?",
+        _edits(
+            T,
+            ("for j0 in range(0, S, block_size):", "for j0 in range(0, S, 64):  # tiles of 64 keys"),
+            ("k[..., j0:j0 + block_size, :], v[..., j0:j0 + block_size, :]", "k[..., j0:j0 + 64, :], v[..., j0:j0 + 64, :]"),
+        ),
+    ),
+    Mutant(
+        "tiled_attention",
+        "running_max_starts_at_zero",
+        "the running max must be each query row's own max",
+        _edit(T, "m = torch.full(q.shape[:-1], -math.inf, dtype=ft)", "m = torch.zeros(q.shape[:-1], dtype=ft)"),
+    ),
+    Mutant(
+        "tiled_attention",
+        "causal_mask_with_positions_inside_the_block",
+        "key positions inside the tile",
+        _edit(T, "cols = torch.arange(j0, j0 + kb.shape[-2]).view(1, -1)", "cols = torch.arange(kb.shape[-2]).view(1, -1)"),
+    ),
     # ----------------------------------------------------------------- flash_attention
     Mutant(
         "flash_attention",
@@ -178,6 +271,85 @@ def tiled_attention(q, k, v, block_size=64, causal=False):
         "no_mask_past_the_last_key",
         "did not mask the keys past the end of the sequence",
         _edit(FL, 's = tl.where(ok, s, float("-inf"))', 's = tl.where(ok | (cols[None, :] >= S), s, float("-inf"))'),
+    ),
+    Mutant(
+        "flash_attention",
+        "scale_by_the_padded_head_dim",
+        "1/sqrt of the padded head dimension",
+        _edit(FL, "H, L, S, D, 1.0 / math.sqrt(D)", "H, L, S, D, 1.0 / math.sqrt(DP)"),
+    ),
+    Mutant(
+        "flash_attention",
+        "exp2_without_log2e",
+        "used exp2 without folding log2(e) into the scale",
+        _edits(
+            FL,
+            ("p = tl.exp(s - m_use[:, None])", "p = tl.math.exp2(s - m_use[:, None])"),
+            ("corr = tl.exp(m - m_use)", "corr = tl.math.exp2(m - m_use)"),
+        ),
+    ),
+    Mutant(
+        "flash_attention",
+        "log2e_scale_with_exp",
+        "folded log2(e) into the scale but then used exp",
+        _edit(FL, "H, L, S, D, 1.0 / math.sqrt(D)", "H, L, S, D, math.log2(math.e) / math.sqrt(D)"),
+    ),
+    Mutant(
+        "flash_attention",
+        "no_store_mask",
+        "wrote outside the output tensor",
+        _edit(
+            FL,
+            "tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=(rows[:, None] < L) & (dims[None, :] < D))",
+            "tl.store(o_ptrs, acc.to(O.dtype.element_ty))",
+        ),
+    ),
+    Mutant(
+        "flash_attention",
+        "no_final_division",
+        "never divided the accumulator by the running sum",
+        _edit(FL, "            acc = acc / tl.where(l > 0, l, 1.0)[:, None]\n", ""),
+    ),
+    Mutant(
+        "flash_attention",
+        "k_and_v_with_q_strides",
+        "loaded k and v with q's strides",
+        _edits(
+            FL,
+            ("    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()\n", ""),
+            ("k.stride(0), k.stride(1), k.stride(2)", "q.stride(0), q.stride(1), q.stride(2)"),
+        ),
+    ),
+    Mutant(
+        "flash_attention",
+        "causal_loop_bound_top_left",
+        "skipped key tiles that hold visible keys",
+        _edit(
+            FL,
+            "            for n0 in range(0, S, BN):\n",
+            "            hi_n = S\n"
+            "            if IS_CAUSAL:  # the last key tile this query tile can see\n"
+            "                hi_n = tl.minimum(S, (pid_m + 1) * BM)\n"
+            "            for n0 in range(0, hi_n, BN):\n",
+        ),
+    ),
+    Mutant(
+        "flash_attention",
+        "grid_ignores_heads",
+        "never wrote some entries of the output",
+        _edit(FL, "grid = (triton.cdiv(L, 16), B * H)", "grid = (triton.cdiv(L, 16), B)"),
+    ),
+    Mutant(
+        "flash_attention",
+        "running_max_starts_at_zero",
+        "the running max must be each query row's own max",
+        _edit(FL, 'm = tl.zeros([BM], dtype=tl.float32) - float("inf")', "m = tl.zeros([BM], dtype=tl.float32)"),
+    ),
+    Mutant(
+        "flash_attention",
+        "values_loaded_from_k",
+        "loaded the values from k",
+        _edit(FL, "vv = tl.load(V + bi * kb", "vv = tl.load(K + bi * kb"),
     ),
     Mutant(
         "flash_attention",
