@@ -401,7 +401,7 @@ class _Recorder(_TorchDispatchMode):
             return out
         shape, strides = T._tuple(R.shape_of(out)), T._tuple(_stride_of(out))
         span = 1 + _sum_int((n - 1) * st for n, st in zip(shape, strides, strict=True))
-        margin = span + 16384  # more than a tile of queries can overshoot
+        margin = (span + 16384 + 63) // 64 * 64  # more than a tile of queries can overshoot; keeps the alignment
         int_dtype, bits = _SENTINEL[dtype]
         buffer = R.t_empty(margin + span + margin, dtype=dtype, device=_device_of(out))
         _fill_(_view_as(buffer, int_dtype), bits)
@@ -706,7 +706,7 @@ def _check_flash(
             atol,
             [f"the kernel {UNWRITTEN}"],
             f"  {_int(_np_sum(unwritten))} of {unwritten.size} entries unwritten; (batch, head) pairs {heads[:6]}"
-            f"{' ...' if len(heads) > 6 else ''}, query rows {rows[:8]}{' ...' if len(rows) > 8 else ''}.",
+            f"{' ...' if T._len(heads) > 6 else ''}, query rows {rows[:8]}{' ...' if T._len(rows) > 8 else ''}.",
         )
     _compare(out, expected, label=label, what="output", atol=atol, fingerprints=_flash_prints(q, k, v, causal, kv_transposed))
     for name, t, b in zip(("q", "k", "v"), (qt, kt, vt), before, strict=True):
