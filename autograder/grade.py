@@ -35,6 +35,7 @@ import time
 from multiprocessing.connection import wait
 from pathlib import Path
 
+from autograder.checks.seeding import DEFAULT_COURSE_SEED
 from autograder.course import find_chapter
 from autograder.grading.inputs import DEFAULT_PATTERN, Submission, discover, hash_files
 from autograder.grading.worker import Options, result_path, worker_main, write_json_atomic
@@ -46,7 +47,7 @@ STATE = Path(".grading") / "state.json"
 # -- the course directory --------------------------------------------------------------
 
 
-def prepare_course(out: Path, slugs: list[str]) -> dict[str, str]:
+def prepare_course(out: Path, slugs: list[str], hidden_seed: str = DEFAULT_COURSE_SEED) -> dict[str, str]:
     """Write ``source/`` and run ``generate_assignment`` for chapters whose source changed; WAL on."""
     from autograder.grading.gradebook import configure_sqlite, enable_wal
     from autograder.release import generate_assignment, write_source
@@ -64,21 +65,23 @@ def prepare_course(out: Path, slugs: list[str]) -> dict[str, str]:
             generate_assignment(chapter, out)
             state[slug] = sha
             write_json_atomic(state_file, state)
-        shas[slug] = grading_sha(chapter, path)
+        shas[slug] = grading_sha(chapter, path, hidden_seed)
     enable_wal(out / "gradebook.db")
     return shas
 
 
-def grading_sha(chapter, source: Path) -> str:
-    """What a chapter's grades depend on: its test and locked cells, and its checks' code.
+def grading_sha(chapter, source: Path, hidden_seed: str = DEFAULT_COURSE_SEED) -> str:
+    """What a chapter's grades depend on: its test and locked cells, its checks' code, the hidden seed.
 
-    Prose edits do not invalidate earlier grades; a changed test, setup cell or check does.
+    Prose edits do not invalidate earlier grades; a changed test, setup cell, check or
+    ``--hidden-seed`` does.
     """
     import importlib
 
     import nbformat
 
     h = hashlib.sha256()
+    h.update(json.dumps(["hidden-seed", hidden_seed]).encode())
     nb = nbformat.read(str(source), as_version=4)
     for cell in nb.cells:
         meta = cell.get("metadata", {}).get("nbgrader", {})
@@ -89,6 +92,7 @@ def grading_sha(chapter, source: Path) -> str:
         "autograder.checks.common",
         "autograder.checks.trusted",
         "autograder.checks.torch_refs",
+        "autograder.checks.seeding",
     ):
         h.update(Path(importlib.import_module(module).__file__).read_bytes())
     return h.hexdigest()
@@ -476,7 +480,7 @@ def main(args) -> int:
             processes=args.processes,
             output_kb=args.output_kb,
         )
-        source_sha = prepare_course(out, assignments)
+        source_sha = prepare_course(out, assignments, args.hidden_seed)
         pairs = graded_pairs(out)
         pending = [s for s in subs if args.force or not is_done(out, s, source_sha[s.assignment], pairs)]
         run_root = _scratch(out)
@@ -490,6 +494,7 @@ def main(args) -> int:
             run_root=run_root,
             source_sha=source_sha,
             figures=args.figures,
+            hidden_seed=args.hidden_seed,
         )
         log(
             f"{len(subs)} submissions of {', '.join(assignments)}: {len(subs) - len(pending)} already graded, "
@@ -591,6 +596,12 @@ def add_arguments(p) -> None:
         "--kernel-start", choices=["auto", "fork", "fresh"], default="auto", help="how sandboxed kernels start (default auto)"
     )
     p.add_argument("--figures", action="store_true", help="draw matplotlib figures (slower; by default plt.show() draws nothing)")
+    p.add_argument(
+        "--hidden-seed",
+        default=DEFAULT_COURSE_SEED,
+        help="course-wide seed of the per-student hidden-test inputs (change it for a new term; "
+        f"default {DEFAULT_COURSE_SEED!r}); each student's inputs derive from it and the student id",
+    )
     p.add_argument("--no-sandbox", action="store_true", help="run student code unsandboxed (only for notebooks you trust)")
     p.add_argument("--force", action="store_true", help="regrade submissions that are already graded")
     p.add_argument("--quiet", action="store_true", help="no progress or log lines on stderr")

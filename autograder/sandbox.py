@@ -192,6 +192,7 @@ class Sandbox:
         self.uid = UID_BASE + index if self.as_root else os.getuid()
         self.gid = UID_BASE + index if self.as_root else os.getgid()
         self.fallback_reason = ""
+        self.kernel_extra: dict[str, str] = {}  # per notebook: the hidden tests' salt
         self._zygote: subprocess.Popen | None = None
         self._lock = threading.Lock()
         self._exited: dict[str, int] = {}
@@ -249,6 +250,10 @@ class Sandbox:
 
     def remove_kernel_dir(self, kdir: Path) -> None:
         shutil.rmtree(kdir, ignore_errors=True)
+
+    def kernel_env(self) -> dict[str, str]:
+        """The environment of the next kernel: :func:`kernel_env` plus this notebook's ``kernel_extra``."""
+        return {**kernel_env(self.figures), **self.kernel_extra}
 
     def close(self) -> None:
         self._stop_zygote()
@@ -402,7 +407,7 @@ class Sandbox:
             "dir": str(kdir),
             "cwd": str(kdir / "work"),
             "argv": argv,
-            "env": kernel_env(self.figures),
+            "env": self.kernel_env(),
             "log": str(kdir / "kernel.log"),
         }
         self._send(spec)
@@ -542,7 +547,7 @@ def _kernel_classes():
             spec = {
                 "cwd": str(self.kdir / "work"),
                 "argv": argv,
-                "env": kernel_env(sandbox.figures),
+                "env": sandbox.kernel_env(),
                 "log": str(self.kdir / "kernel.log"),
             }
             mpl = sandbox.seed_matplotlib(self.kdir / ".matplotlib")

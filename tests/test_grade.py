@@ -34,6 +34,7 @@ import pytest
 from conftest import namespace
 from hostile.catalogue import CH, WRONG_SOFTMAX, cases, release_notebook, solved, write_class
 
+from autograder.checks import seeding
 from autograder.checks.runner import run_check
 from autograder.course import ROOT, find_chapter
 from autograder.grading.execute import DEFAULT_HARMLESS_STDERR
@@ -59,19 +60,25 @@ def tree_hashes(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def inprocess_score(replace: dict[str, str]) -> float:
-    """What the checks give these exercises when run in process (the reference for the batch)."""
+def inprocess_score(replace: dict[str, str], student: str) -> float:
+    """What the checks give these exercises when run in process (the reference for the batch),
+    with the hidden inputs ``grade`` gives ``student`` (its salt)."""
     ns = namespace(CHAPTER, replace=replace)
     total = 0.0
-    for ex in CHAPTER.exercises:
-        for hidden, points in ((False, ex.visible_points), (True, ex.hidden_points)):
-            total += points if run_check(ex, ns, hidden=hidden).passed else 0
+    old = seeding.current_salt()
+    seeding.set_salt(seeding.student_salt(student))
+    try:
+        for ex in CHAPTER.exercises:
+            for hidden, points in ((False, ex.visible_points), (True, ex.hidden_points)):
+                total += points if run_check(ex, ns, hidden=hidden).passed else 0
+    finally:
+        seeding.set_salt(old)
     return total
 
 
 def expected_score(case) -> float:
     if case.score is None:
-        return inprocess_score(case.replace)
+        return inprocess_score(case.replace, case.student)
     if case.score == -1:
         ex = next(e for e in CHAPTER.exercises if e.name == case.broken)
         return CHAPTER.max_score - ex.visible_points - ex.hidden_points
@@ -351,10 +358,9 @@ def test_kill_and_resume(tmp_path):
         assert nulls == 0
     finally:
         con.close()
-    wrong = inprocess_score({"softmax": WRONG_SOFTMAX})
     for i, s in enumerate(students):
         r = json.loads((results / f"{s}.json").read_text())
-        assert r["score"] == (wrong if i % 2 else CHAPTER.max_score), s
+        assert r["score"] == (inprocess_score({"softmax": WRONG_SOFTMAX}, s) if i % 2 else CHAPTER.max_score), s
     assert tree_hashes(submitted) == before
 
 

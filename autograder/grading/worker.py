@@ -20,6 +20,7 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from autograder.checks.seeding import DEFAULT_COURSE_SEED, ENV, student_salt
 from autograder.course import find_chapter
 from autograder.grading.inputs import Submission, hash_files
 from autograder.sandbox import Limits
@@ -38,6 +39,7 @@ class Options:
     run_root: Path = Path("/tmp")
     source_sha: dict = field(default_factory=dict)
     figures: bool = False
+    hidden_seed: str = DEFAULT_COURSE_SEED
 
 
 def result_path(out: Path, assignment: str, student: str) -> Path:
@@ -201,6 +203,7 @@ class Grader:
             self.feedback.write(result, None)
             return
 
+        result["hidden_salt"] = self.use_salt(sub.student)
         reply = self.api().autograde(sub.assignment, sub.student, force=True, create=True)
         result["events"] = list(execute.EVENTS)
         graded_nb = autograded / f"{sub.assignment}.ipynb"
@@ -214,6 +217,15 @@ class Grader:
         result["score"] = float(sum(t.points for t in tests))
         result["max_score"] = float(sum(t.max_points for t in tests)) or chapter.max_score
         self.feedback.write(result, graded_nb)
+
+    def use_salt(self, student: str) -> str:
+        """Give the next kernels ``student``'s hidden-test salt (in their environment); returns it."""
+        salt = student_salt(student, self.opts.hidden_seed)
+        if self.sandbox is not None:
+            self.sandbox.kernel_extra = {ENV: salt}
+        else:  # unsandboxed kernels inherit the worker's environment
+            os.environ[ENV] = salt
+        return salt
 
     def _copy_folder(self, sub: Submission, sdir: Path, result: dict) -> None:
         """The other files of an nbgrader submission folder (data the notebook reads), without links."""

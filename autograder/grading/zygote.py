@@ -159,11 +159,23 @@ def _redirect_stdio(log_path: str | None) -> None:
     os.dup2(target, 2)
 
 
+def set_environment(env: dict[str, str]) -> None:
+    """Make ``env`` the whole environment, and read this notebook's hidden-test salt from it.
+
+    The checks were preloaded before this kernel's student existed, so their salt is read
+    again here, in trusted code, before any student code runs.
+    """
+    os.environ.clear()
+    os.environ.update(env)
+    seeding = sys.modules.get("autograder.checks.seeding")
+    if seeding is not None:
+        seeding.load_salt()
+
+
 def run_kernel(spec: dict) -> None:
     """Become an IPython kernel (never returns)."""
     os.chdir(spec["cwd"])
-    os.environ.clear()
-    os.environ.update(spec["env"])
+    set_environment(spec["env"])
     for d in ("/tmp/home", "/tmp/matplotlib", "/tmp/ipython"):
         os.makedirs(d, exist_ok=True)
     sys.argv = ["ipykernel_launcher", *spec["argv"]]
