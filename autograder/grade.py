@@ -93,6 +93,7 @@ def grading_sha(chapter, source: Path, hidden_seed: str = DEFAULT_COURSE_SEED) -
         "autograder.checks.trusted",
         "autograder.checks.torch_refs",
         "autograder.checks.seeding",
+        "autograder.checks",  # its __init__ wraps the hidden checks with the per-student seeds
     ):
         h.update(Path(importlib.import_module(module).__file__).read_bytes())
     return h.hexdigest()
