@@ -34,6 +34,19 @@ class Mutant:
         return f"{self.exercise}-{self.name}"
 
 
+def edit(source: str, *pairs: tuple[str, str]) -> str:
+    """``source`` with each ``old`` text replaced by ``new``, in turn; ValueError when an ``old`` does not occur.
+
+    Mutants are mostly a correct template with one mistake edited in; the error catches a template
+    that changed under its mutants.
+    """
+    for old, new in pairs:
+        if old not in source:
+            raise ValueError(f"mutant edit does not apply: {old!r}")
+        source = source.replace(old, new)
+    return source
+
+
 def mutants_of(chapter_key: str) -> list[Mutant]:
     """All mutants of a chapter, e.g. ``mutants_of("ch01")``."""
     return list(importlib.import_module(f"autograder.mutants.{chapter_key}").MUTANTS)

@@ -5,7 +5,7 @@ of ``solutions/``) with one realistic mistake edited in; ``tests/test_ch04.py`` 
 template itself passes every check, so each mutant fails for its own mistake only.
 """
 
-from autograder.mutants import Mutant
+from autograder.mutants import Mutant, edit
 
 TEMPLATE = """
 class MultiHeadAttention(nn.Module):
@@ -55,18 +55,8 @@ class MultiHeadAttention(nn.Module):
 """
 
 
-def _edit(*pairs: tuple[str, str]) -> str:
-    """``TEMPLATE`` with each ``old`` text replaced by ``new`` (each must occur)."""
-    source = TEMPLATE
-    for old, new in pairs:
-        if old not in source:
-            raise ValueError(f"mutant edit does not apply: {old!r}")
-        source = source.replace(old, new)
-    return source
-
-
 def _mha(name: str, diagnosis: str, *pairs: tuple[str, str]) -> Mutant:
-    return Mutant("MultiHeadAttention", name, diagnosis, _edit(*pairs))
+    return Mutant("MultiHeadAttention", name, diagnosis, edit(TEMPLATE, *pairs))
 
 
 _SPLITS = (

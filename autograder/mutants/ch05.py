@@ -5,7 +5,7 @@ of ``solutions/``) with one realistic mistake edited in; ``tests/test_ch05.py`` 
 template itself passes every check, so each mutant fails for its own mistake only.
 """
 
-from autograder.mutants import Mutant
+from autograder.mutants import Mutant, edit
 
 TEMPLATE = """
 class TransformerBlock(nn.Module):
@@ -49,18 +49,8 @@ _POST = """            x = self.norm1(x + self._sa(x, attn_mask, key_padding_mas
             x = self.norm2(x + self._ff(x))"""
 
 
-def _edit(*pairs: tuple[str, str]) -> str:
-    """``TEMPLATE`` with each ``old`` text replaced by ``new`` (each must occur)."""
-    source = TEMPLATE
-    for old, new in pairs:
-        if old not in source:
-            raise ValueError(f"mutant edit does not apply: {old!r}")
-        source = source.replace(old, new)
-    return source
-
-
 def _block(name: str, diagnosis: str, *pairs: tuple[str, str]) -> Mutant:
-    return Mutant("TransformerBlock", name, diagnosis, _edit(*pairs))
+    return Mutant("TransformerBlock", name, diagnosis, edit(TEMPLATE, *pairs))
 
 
 MUTANTS = [

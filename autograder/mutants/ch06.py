@@ -5,7 +5,7 @@ with one realistic mistake edited in; ``tests/test_ch06.py`` proves that every t
 every check, so each mutant fails for its own mistake only.
 """
 
-from autograder.mutants import Mutant
+from autograder.mutants import Mutant, edit
 
 CACHE_TEMPLATE = """
 class KVCache:
@@ -85,18 +85,8 @@ TEMPLATES = {
 }
 
 
-def _edit(exercise: str, *pairs: tuple[str, str]) -> str:
-    """The exercise's template with each ``old`` text replaced by ``new`` (each must occur)."""
-    source = TEMPLATES[exercise]
-    for old, new in pairs:
-        if old not in source:
-            raise ValueError(f"mutant edit does not apply to {exercise}: {old!r}")
-        source = source.replace(old, new)
-    return source
-
-
 def _m(exercise: str, name: str, diagnosis: str, *pairs: tuple[str, str]) -> Mutant:
-    return Mutant(exercise, name, diagnosis, _edit(exercise, *pairs))
+    return Mutant(exercise, name, diagnosis, edit(TEMPLATES[exercise], *pairs))
 
 
 MUTANTS = [

@@ -7,7 +7,7 @@ timing with CUDA events and one with ``torch.cuda.synchronize()`` around ``time.
 the checks accept both.
 """
 
-from autograder.mutants import Mutant
+from autograder.mutants import Mutant, edit
 
 BENCH_SYNC_TEMPLATE = """
 def benchmark(fn, *args, warmup=3, repeats=20):
@@ -101,17 +101,8 @@ TEMPLATES = {
 EXTRA_TEMPLATES = {"benchmark": [BENCH_EVENTS_TEMPLATE]}
 
 
-def _edit(source: str, *pairs: tuple[str, str]) -> str:
-    """``source`` with each ``old`` text replaced by ``new`` (each must occur)."""
-    for old, new in pairs:
-        if old not in source:
-            raise ValueError(f"mutant edit does not apply: {old!r}")
-        source = source.replace(old, new)
-    return source
-
-
 def _m(exercise: str, name: str, diagnosis: str, *pairs: tuple[str, str], template: str | None = None) -> Mutant:
-    return Mutant(exercise, name, diagnosis, _edit(template or TEMPLATES[exercise], *pairs))
+    return Mutant(exercise, name, diagnosis, edit(template or TEMPLATES[exercise], *pairs))
 
 
 MUTANTS = [

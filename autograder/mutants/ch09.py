@@ -5,7 +5,7 @@ one realistic mistake edited in; ``tests/test_ch09.py`` proves that every templa
 check, so each mutant fails for its own mistake only.
 """
 
-from autograder.mutants import Mutant
+from autograder.mutants import Mutant, edit
 
 SHARD_TEMPLATE = """
 def shard_heads(state_dict, rank, world_size, num_heads):
@@ -75,18 +75,8 @@ class TensorParallelMultiHeadAttention(nn.Module):
 TEMPLATES = {"shard_heads": SHARD_TEMPLATE, "TensorParallelMultiHeadAttention": LAYER_TEMPLATE}
 
 
-def _edit(exercise: str, *pairs: tuple[str, str]) -> str:
-    """The exercise's template with each ``old`` text replaced by ``new`` (each must occur)."""
-    source = TEMPLATES[exercise]
-    for old, new in pairs:
-        if old not in source:
-            raise ValueError(f"mutant edit does not apply to {exercise}: {old!r}")
-        source = source.replace(old, new)
-    return source
-
-
 def _m(exercise: str, name: str, diagnosis: str, *pairs: tuple[str, str]) -> Mutant:
-    return Mutant(exercise, name, diagnosis, _edit(exercise, *pairs))
+    return Mutant(exercise, name, diagnosis, edit(TEMPLATES[exercise], *pairs))
 
 
 ROWS = "    rows = torch.cat([idx, idx + E, idx + 2 * E])\n"
