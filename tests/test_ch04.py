@@ -298,3 +298,37 @@ def test_mutant_template_is_a_correct_layer():
     for hidden in (False, True):
         outcome = run_check(ex, ns, hidden=hidden)
         assert outcome.passed, outcome.message
+
+
+class _TorchsOwnLayer(nn.Module):
+    """nn.MultiheadAttention's parameters and its own functional forward: PyTorch's dropout placement exactly."""
+
+    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True):
+        super().__init__()
+        ref = nn.MultiheadAttention(embed_dim, num_heads, dropout=dropout, bias=bias, batch_first=True)
+        self.in_proj_weight, self.in_proj_bias, self.out_proj = ref.in_proj_weight, ref.in_proj_bias, ref.out_proj
+        self.num_heads, self.dropout = num_heads, dropout
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None, average_attn_weights=True):
+        out, w = nn.functional.multi_head_attention_forward(
+            *(t.transpose(0, 1) for t in (query, key, value)), query.shape[-1], self.num_heads,
+            self.in_proj_weight, self.in_proj_bias, None, None, False, self.dropout, self.out_proj.weight,
+            self.out_proj.bias, training=self.training, key_padding_mask=key_padding_mask, need_weights=need_weights,
+            attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+        )  # fmt: skip
+        return out.transpose(0, 1), w
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_dropout_placement_check_accepts_pytorchs_own_layer_and_the_solution(seed):
+    """The read-back of the dropped weights holds for PyTorch's layer (both its paths) and the solution, any seed."""
+    for cls in (_TorchsOwnLayer, MultiHeadAttention):
+        checks._check_dropout_train(cls, np.random.default_rng(seed))
+
+
+def test_dropout_placement_check_names_dropout_on_the_output():
+    ns = namespace(
+        find_chapter("04"), replace={"MultiHeadAttention": next(m.code for m in mutants.MUTANTS if m.name == "dropout_on_output")}
+    )
+    with pytest.raises(AssertionError, match="dropout acts on the layer's output"):
+        checks._check_dropout_train(ns["MultiHeadAttention"], np.random.default_rng(0))

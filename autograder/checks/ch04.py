@@ -43,6 +43,7 @@ _dict = dict
 _sum = sum
 _isinstance = isinstance
 _issubclass = issubclass
+_pinv = np.linalg.pinv
 
 FORBIDDEN = {"MultiheadAttention", "multi_head_attention_forward", "_native_multi_head_attention"}
 
@@ -537,9 +538,9 @@ def _run_case(
             prints = fp(1, lambda x: x.mean(axis=1))
             prints[WEIGHT_MISTAKES["heads_sum"]] = lambda: exp_w.sum(axis=1)
             prints[WEIGHT_MISTAKES["first_head"]] = lambda: exp_w[:, 0]
-            expect_close(w, exp_w.mean(axis=1), label=label, what="attn_weights", atol=atol, fingerprints=prints)
+            expect_close(w, exp_w.mean(axis=1), label=label, what="attention-weight tensor (averaged over heads)", atol=atol, fingerprints=prints)
         else:
-            expect_close(w, exp_w, label=label, what="attn_weights (per head)", atol=atol, fingerprints=fp(1))
+            expect_close(w, exp_w, label=label, what="attention-weight tensor (per head)", atol=atol, fingerprints=fp(1))
     if dead and not T.np_isfinite(out).all():
         raise CheckFailure(f"{label}: the output contains NaN.\n{FULLY_MASKED}")
     expect_close(out, exp_out, label=label, what="attn_output", atol=atol * 4, fingerprints=fp(0))
@@ -571,64 +572,167 @@ def _check_dropout_eval(cls, rng) -> None:
     _run_case(module, p, q, None, None, h, average=False, note=", eval mode, dropout=0.5")
 
 
-def _check_dropout_train(cls, rng) -> None:
-    """Training mode with dropout=0.5: dropout acts on the weights, rescaled by 1/(1-p).
+DROPOUT_PLACES = {
+    "output": (
+        "dropout acts on the layer's output (after out_proj). nn.MultiheadAttention drops attention weights: "
+        "weights = F.dropout(softmax(scores), p, training=self.training), then weights @ v."
+    ),
+    "merged": (
+        "dropout acts on the merged heads, before out_proj. nn.MultiheadAttention drops the attention weights "
+        "(after the softmax, before the weighted sum of the values)."
+    ),
+    "span": (
+        "the output is not out_proj of a weighted sum of the value vectors, so dropout acted somewhere other than "
+        "the attention weights (on the values, the projections or the heads' outputs). Drop the weights: "
+        "weights = F.dropout(softmax(scores), p, training=self.training), then weights @ v."
+    ),
+    "before_softmax": (
+        "dropout acts before the softmax (on the scores, queries or keys): the weights the output was computed with "
+        "still sum to 1 and none is exactly zero. Drop the weights after the softmax."
+    ),
+    "renormalised": (
+        "the weights were renormalised after dropout (each row sums to 1 again). Dropout only zeroes weights and "
+        "scales the kept ones by 1/(1-p); the rows then sum to 1 on average only."
+    ),
+    "not_rescaled": "the kept weights are not scaled by 1/(1-p) (F.dropout does both: it zeroes with probability p and rescales).",
+    "one_minus_p": (
+        "dropped with probability 1 - p instead of p (the kept weights are scaled by 1/p): the dropout argument is "
+        "the probability of zeroing a weight."
+    ),
+    "shared_mask": (
+        "the same dropout mask for every sequence of the batch and every head; draw an independent mask for every "
+        "weight (F.dropout on the (B, H, L, S) weights does)."
+    ),
+    "need_weights_false": (
+        "dropout is skipped when need_weights=False: the weights must be dropped whether or not they are returned "
+        "(with F.scaled_dot_product_attention pass dropout_p=p if self.training else 0.0)."
+    ),
+    "returned_before": (
+        "returned the attention weights before dropout. nn.MultiheadAttention returns the weights after dropout, "
+        "the ones the output was computed with."
+    ),
+}
 
-    One call on a batch of R copies of the same sequence: each copy gets its own dropout,
-    so the batch mean estimates the expected output, which must equal the eval-mode output.
+
+def _dropped_coefficients(out: np.ndarray, p: dict, vh: np.ndarray, h: int) -> tuple[np.ndarray, float]:
+    """The weights (B, H, L, S) that ``out`` used, read back by undoing out_proj and solving against the values.
+
+    Also returns the largest part of the merged heads that no weighted sum of the values explains.
     """
-    e, h, n, prob, copies = 8, 2, 6, 0.5, 256
+    b, n, e = out.shape
+    merged = (out - p["b_out"]) @ _pinv(p["w_out"].T)  # (B, L, E): out_proj is square and invertible
+    heads = merged.reshape(b, n, h, e // h).transpose(0, 2, 1, 3)  # (B, H, L, D)
+    coef = heads @ _pinv(vh)  # (B, H, L, S): D > S, so the values are independent
+    residual = float(T.np_max(T.np_abs(heads - coef @ vh)))
+    return coef, residual
+
+
+def _check_dropout_train(cls, rng) -> None:
+    """Training mode: dropout must act on the attention weights, and the weights returned are the dropped ones.
+
+    With head_dim larger than the number of keys, the per-head value vectors are independent, so
+    the weights the layer actually used can be read back from its output (undo out_proj, solve
+    against the values): each must be 0 or w / (1 - p), with about a fraction p of zeros. That
+    holds only when dropout acts on the softmax output; dropout on the values, the output, the
+    scores or the heads leaves a fingerprint that is named. float64, so the read-back is exact.
+    """
+    e, h, b, n, prob = 16, 2, 8, 5, 0.3
     p = R.mha_params(rng, e, True)
-    module = _build(cls, e, h, dropout=prob, p=p)
+    module = _build(cls, e, h, dropout=prob, p=p, dtype=F64)
     R.module_train(module, True)
-    one = _data(rng, 1, n, e)
-    q = T.np_array(one.repeat(copies, axis=0))
-    label = (
-        f"MultiHeadAttention({e}, {h}, dropout={prob}) in training mode, need_weights=True, average_attn_weights=False, "
-        f"on a batch of {copies} copies of one sequence"
-    )
-    exp_out, exp_w = _oracle(p, q, q, q, h)
-    qt = R.tensor_of(q, F32)
-    with R.fork_rng(devices=[]):
-        R.manual_seed(1234)
-        result = call(module, qt, qt, qt, need_weights=True, average_attn_weights=False, label=label)
-    if T._type(result) is not T._tuple or T._len(result) != 2:
-        raise CheckFailure(f"{label}: should return a tuple (attn_output, attn_weights), got {T.type_name(result)}.")
-    out = R.tensor_result(result[0], label=label, what="attn_output", dtype=F32)
-    w = R.tensor_result(result[1], label=label, what="attn_weights", dtype=F32)
-    expect_shape(out, exp_out.shape, label=label, what="attn_output")
-    expect_shape(w, exp_w.shape, label=label, what="per-head attention weights")
-    if max_error(out, exp_out) < 1e-5:
-        raise CheckFailure(
-            f"{label}: the output equals the no-dropout output: dropout is not applied in training mode. "
-            "Apply dropout (probability self.dropout) to the attention weights when self.training is True."
+    x = _data(rng, b, n, e)
+    exp_out, exp_w = _oracle(p, x, x, x, h)
+    vh = _oracle_heads_v(p, x, h)
+    xt = R.tensor_of(x, F64)
+    torch_seed = _int(rng.integers(1, 2**31))
+    for need, average in ((True, False), (False, True), (True, True)):
+        label = (
+            f"MultiHeadAttention({e}, {h}, dropout={prob}) in training mode [float64], self-attention on x of shape "
+            f"{(b, n, e)}, need_weights={need}, average_attn_weights={average}"
         )
-    if max_error(w, exp_w) > 1e-5:  # weights after dropout: each one is 0 or w / (1 - p)
-        kept = T.np_abs(w - exp_w / (1 - prob)) <= 1e-5 * (1 + T.np_abs(exp_w))
-        if not T.np_all(kept | (w == 0)):
-            raise CheckFailure(
-                f"{label}: the returned weights are neither the attention weights nor a dropout of them "
-                f"(each weight either 0 or w / (1 - p)).\n  expected (before dropout): {show(exp_w[0])}\n  got: {show(w[0])}\n"
-                "  Likely mistake: dropout must zero weights with probability p and scale the kept ones by "
-                "1/(1-p) (F.dropout does both)."
+        with R.fork_rng(devices=[]):
+            R.manual_seed(torch_seed)
+            result = call(module, xt, xt, xt, need_weights=need, average_attn_weights=average, label=label)
+        if T._type(result) is not T._tuple or T._len(result) != 2:
+            raise CheckFailure(f"{label}: should return a tuple (attn_output, attn_weights), got {T.type_name(result)}.")
+        out = R.tensor_result(result[0], label=label, what="attn_output", dtype=F64)
+        expect_shape(out, exp_out.shape, label=label, what="attn_output")
+        if max_error(out, exp_out) < 1e-9:
+            place = (
+                DROPOUT_PLACES["need_weights_false"]
+                if not need
+                else (
+                    "dropout is not applied in training mode. Apply dropout (probability self.dropout) to the attention "
+                    "weights when self.training is True."
+                )
             )
-        merged = (w @ _oracle_heads_v(p, q, h)).transpose(0, 2, 1, 3).reshape(copies, n, e)
-        expect_close(
-            out,
-            merged @ p["w_out"].T + p["b_out"],
-            label=label,
-            what="attn_output (computed with the dropped-out weights you returned)",
-            atol=1e-4,
-        )
-    mean = out.mean(axis=0)
-    off = float(T.np_max(T.np_abs(mean - exp_out[0])))
-    spread = float(T.np_max(T.np_abs(exp_out[0] - p["b_out"])))
-    if off > 0.25 * spread:
-        raise CheckFailure(
-            f"{label}: averaged over the copies, the output should approach the eval-mode output (dropout is unbiased); "
-            f"it is off by {off:.3g}.\n  expected: {show(exp_out[0])}\n  mean:     {show(mean)}\n"
-            "  Likely mistake: dropout must scale the kept weights by 1/(1-p)."
-        )
+            raise CheckFailure(f"{label}: the output equals the output without dropout.\n  Likely mistake: {place}")
+        used = _dropout_weights_used(out, exp_out, exp_w, p, vh, h, prob, label)
+        if need:
+            want = used.mean(axis=1) if average else used
+            w = R.tensor_result(result[1], label=label, what="attn_weights", dtype=F64)
+            expect_shape(w, want.shape, label=label, what="attn_weights")
+            if max_error(w, want) > 1e-8:
+                before = exp_w.mean(axis=1) if average else exp_w
+                hint = f"\n  Likely mistake: {DROPOUT_PLACES['returned_before']}" if max_error(w, before) <= 1e-8 else ""
+                raise CheckFailure(
+                    f"{label}: the returned weights are not the weights the output was computed with (the dropped-out "
+                    f"weights).\n  expected: {show(want)}\n  got:      {show(w)}{hint}"
+                )
+
+
+def _dropout_weights_used(out, exp_out, exp_w, p, vh, h, prob, label) -> np.ndarray:
+    """The dropped-out weights the layer used, after checking that they are a dropout of ``exp_w``; else a named failure."""
+    scale = 1 / (1 - prob)
+
+    def fail(key: str, detail: str = ""):
+        raise CheckFailure(f"{label}: dropout acts in the wrong place{detail}.\n  Likely mistake: {DROPOUT_PLACES[key]}")
+
+    tiny = 1e-8 * (1 + T.np_abs(exp_out))
+    if T.np_all((T.np_abs(out) <= tiny) | (T.np_abs(out - exp_out * scale) <= tiny)):
+        fail("output")
+    coef, residual = _dropped_coefficients(out, p, vh, h)
+    if residual > 1e-7:
+        exp_merged = _dropped_coefficients(exp_out, p, vh, h)[0] @ vh
+        merged = ((out - p["b_out"]) @ _pinv(p["w_out"].T)).reshape(exp_merged.shape[0], exp_merged.shape[2], -1)
+        em = exp_merged.transpose(0, 2, 1, 3).reshape(merged.shape)
+        if T.np_all((T.np_abs(merged) <= 1e-8) | (T.np_abs(merged - em * scale) <= 1e-8 * (1 + T.np_abs(em)))):
+            fail("merged")
+        fail("span", f" (a part of size {residual:.3g} of the heads' outputs is no weighted sum of the values)")
+    tol = 1e-7 * (1 + T.np_abs(exp_w))
+    zero = T.np_abs(coef) <= tol
+    live = exp_w > 1e-3
+    if not T.np_any(zero & live):
+        if T.np_all(T.np_abs(coef.sum(axis=-1) - 1) <= 1e-7):
+            fail("before_softmax")
+        if T.np_all(zero | (T.np_abs(coef - exp_w) <= tol)):
+            fail("output", " (no weight was dropped, yet the output differs)")
+    for key, factor in (("not_rescaled", 1.0), ("one_minus_p", 1 / prob)):
+        if factor != scale and T.np_all(zero | (T.np_abs(coef - exp_w * factor) <= tol)):
+            fail(key)
+    if T.np_all(zero | (T.np_abs(coef - exp_w * scale) <= tol)):
+        dropped = float(zero[live].mean())
+        if not (prob - 0.12 <= dropped <= prob + 0.12):
+            raise CheckFailure(
+                f"{label}: dropout zeroed {100 * dropped:.0f}% of the attention weights; with p = {prob} about "
+                f"{100 * prob:.0f}% should be zero (each weight independently, with probability p)."
+            )
+        kept = ~zero
+        if T.np_all(kept == kept[:1, :1]):
+            fail("shared_mask")
+        return coef
+    sums = coef.sum(axis=-1)
+    if T.np_any(zero & live) and T.np_all(T.np_abs(sums - 1) <= 1e-7):
+        fail("renormalised")
+    if T.np_all(T.np_abs(sums - 1) <= 1e-7):
+        fail("before_softmax")
+    bad = ~(zero | (T.np_abs(coef - exp_w * scale) <= tol))
+    raise CheckFailure(
+        f"{label}: the weights the output was computed with (read back from it) are not a dropout of the attention "
+        f"weights: {_int(bad.sum())} of {bad.size} are neither 0 nor w / (1 - p).\n"
+        f"  expected (before dropout): {show(exp_w[0, 0])}\n  used:                      {show(coef[0, 0])}\n"
+        "  Dropout belongs on the softmax output: weights = F.dropout(weights, p, training=self.training)."
+    )
 
 
 def _oracle_heads_v(p: dict, q: np.ndarray, h: int) -> np.ndarray:

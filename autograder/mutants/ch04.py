@@ -303,3 +303,61 @@ MUTANTS = [
     """,
     ),
 ]
+
+# Dropout in the wrong place: each of these passed the checks that only compared two training calls or the
+# returned weights; the checks now read the weights back from the output.
+_DROP = "weights = F.dropout(weights, p=self.dropout, training=self.training)"
+MUTANTS += [
+    _mha(
+        "dropout_on_output",
+        "dropout acts on the layer's output",
+        (_DROP, "pass"),
+        ("out = self.out_proj(out)", "out = F.dropout(self.out_proj(out), p=self.dropout, training=self.training)"),
+    ),
+    _mha(
+        "dropout_on_merged_heads",
+        "dropout acts on the merged heads",
+        (_DROP, "pass"),
+        ("out = self.out_proj(out)", "out = self.out_proj(F.dropout(out, p=self.dropout, training=self.training))"),
+    ),
+    _mha(
+        "dropout_on_values",
+        "somewhere other than the attention weights",
+        (_DROP, "v = F.dropout(v, p=self.dropout, training=self.training)"),
+    ),
+    _mha(
+        "weights_returned_before_dropout",
+        "returned the attention weights before dropout",
+        (_DROP, "used = F.dropout(weights, p=self.dropout, training=self.training)"),
+        ("out = (weights @ v)", "out = (used @ v)"),
+    ),
+    _mha(
+        "dropout_only_when_weights_returned",
+        "dropout is skipped when need_weights=False",
+        ("training=self.training)", "training=self.training and need_weights)"),
+    ),
+    _mha(
+        "dropout_mask_shared_across_batch_and_heads",
+        "the same dropout mask for every sequence",
+        (
+            _DROP,
+            "if self.training and self.dropout > 0:\n"
+            "            keep = torch.rand(L, S) >= self.dropout\n"
+            "            weights = weights * keep / (1 - self.dropout)",
+        ),
+    ),
+    _mha(
+        "renormalised_after_dropout",
+        "renormalised after dropout",
+        (_DROP, _DROP + "\n        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)"),
+    ),
+    _mha(
+        "dropout_on_scores",
+        "dropout acts before the softmax",
+        (
+            "weights = torch.softmax(scores, dim=-1)",
+            "weights = torch.softmax(F.dropout(scores, p=self.dropout, training=self.training), dim=-1)",
+        ),
+        (_DROP, "pass"),
+    ),
+]
