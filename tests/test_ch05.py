@@ -10,6 +10,7 @@ from conftest import namespace
 
 from autograder.checks import ch05 as checks
 from autograder.course import find_chapter
+from autograder.mutants.ch04 import TEMPLATE as CH04_TEMPLATE
 from autograder.mutants.ch05 import TEMPLATE
 from solutions.ch05_transformer_block import TransformerBlock, induction_score, previous_token_score
 
@@ -157,3 +158,30 @@ def test_scores_on_a_hand_made_example():
         weights[1, i, i - period + 1 if i >= period else i] = 1.0
     torch.testing.assert_close(previous_token_score(weights), torch.tensor([1.0, 0.0]))
     torch.testing.assert_close(induction_score(weights, period), torch.tensor([0.0, 1.0]))
+
+
+@pytest.mark.parametrize("hidden", [False, True], ids=["visible", "hidden"])
+def test_block_on_chapter_4s_attention_passes(hidden):
+    """The contract's block: self_attn is chapter 4's MultiHeadAttention (what the setup cell provides), not PyTorch's.
+
+    Chapter 4's layer here is the correct one its mutants are edited from (independent of solutions/); the
+    checks, dropout placement included, accept a block built on it.
+    """
+    ns = namespace(find_chapter("05"))
+    exec(compile(CH04_TEMPLATE, "<ch04 MultiHeadAttention>", "exec"), ns)
+    block = TEMPLATE.replace(
+        "nn.MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)",
+        "MultiHeadAttention(d_model, num_heads, dropout=dropout)",
+    )
+    assert block != TEMPLATE
+    exec(compile(block, "<block on chapter 4's attention>", "exec"), ns)
+    check = checks.hidden_TransformerBlock if hidden else checks.visible_TransformerBlock
+    check(ns["TransformerBlock"])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_dropout_placement_check_holds_for_any_seed(seed):
+    """The read-back of the four dropouts holds for the solution and for the mutant template, whatever the seed."""
+    ns = namespace(find_chapter("05"), replace={"TransformerBlock": TEMPLATE})
+    for cls in (TransformerBlock, ns["TransformerBlock"]):
+        checks._check_dropout_train(cls, np.random.default_rng(seed))

@@ -39,12 +39,14 @@ _tril = np.tril
 _eye = np.eye
 _pi = math.pi
 _float = float
+_int = int
 _abs = abs
 _str = str
 _isinstance = isinstance
 _getattr = getattr
 _hasattr = hasattr
 _vars = vars
+_lstsq = np.linalg.lstsq
 
 EPS = 1e-5
 FORBIDDEN = {
@@ -452,7 +454,7 @@ def _block_case(
             hint = "\n  Likely mistake: the heads are folded into the batch: view the weights as (B, H, L, L)."
         raise CheckFailure(f"{wlabel}: should have shape (B, H, L, L) = {(b, h, n, n)}, got {shape}.{hint}")
     wprints = {MISTAKES[m]: (lambda m=m: _oracle(p, x, h, variant=m, **args)[1]) for m in MISTAKES}
-    expect_close(w, exp_w, label=wlabel, what="per-head attention weights", atol=atol, fingerprints=wprints)
+    expect_close(w, exp_w, label=wlabel, what="per-head attention-weight tensor", atol=atol, fingerprints=wprints)
     return out
 
 
@@ -512,23 +514,188 @@ def _check_dropout_eval(cls, rng, norm_first: bool) -> None:
         raise CheckFailure(f"{exc}\n{DROPOUT_EVAL}") from None
 
 
+DROPOUT_SITES = {
+    "weights": (
+        "no dropout on the attention weights: build self_attn with dropout=dropout (nn.MultiheadAttention and "
+        "chapter 4's MultiHeadAttention drop the weights themselves, in training mode)."
+    ),
+    "attn_out": "no dropout on the output of self-attention: x = x + dropout(SA(norm1(x))) (dropout1 in nn.TransformerEncoderLayer).",
+    "ff_inner": (
+        "no dropout inside the feed-forward network: it acts after the activation, linear2(dropout(activation(linear1(x))))."
+    ),
+    "ff_out": "no dropout on the output of the feed-forward network: x = x + dropout(FF(norm2(x))) (dropout2).",
+    "residual": (
+        "dropout acts on the residual sum x + sublayer(x) (some outputs are exactly 0); it belongs on the sub-layer's "
+        "output only, before the residual addition."
+    ),
+    "after_norm": (
+        "dropout acts after the final LayerNorm of a post-norm block (its output tokens no longer have mean 0 and "
+        "variance 1); dropout belongs on the sub-layers' outputs, before the residual sum and the norm."
+    ),
+    "ff_place": (
+        "dropout inside the feed-forward network is in the wrong place: it acts on the activation's output, "
+        "linear2(dropout(activation(linear1(x)))), not on linear1's output or on the network's input."
+    ),
+    "attn_place": (
+        "dropout in the attention sub-layer is in the wrong place: self_attn drops its attention weights, then "
+        "the block drops self_attn's output; nothing drops the normalised input or the values."
+    ),
+    "rescale": "dropped values are not scaled by 1/(1-p); use nn.Dropout or F.dropout, which zero with probability p and rescale.",
+}
+
+
+def _drop_fraction(label: str, where: str, zero: np.ndarray, prob: float) -> None:
+    frac = _float(zero.mean()) if zero.size else prob
+    if not (prob - 0.12 <= frac <= prob + 0.12):
+        raise CheckFailure(
+            f"{label}: dropout {where} zeroed {100 * frac:.0f}% of its entries; with p = {prob} about {100 * prob:.0f}% "
+            "should be zero (each entry independently, with probability p)."
+        )
+
+
+def _read_back(label, y: np.ndarray, base: np.ndarray, bias: np.ndarray, rows: np.ndarray, prob: float, site: str, missing: str):
+    """``y`` (G, N): each entry 0 (dropped) or (rows @ c + bias) / (1 - p) with ``c`` a dropout of ``base`` (G, K).
+
+    ``rows`` (G, N, K). Solves for ``c`` on the kept entries of each group; returns the zeros of ``y`` and of ``c``.
+    """
+    scale = 1 / (1 - prob)
+    zero_y = T.np_abs(y) <= 1e-12
+    zero_c = []
+    k = base.shape[-1]
+    for g in range(y.shape[0]):
+        kept = ~zero_y[g]
+        if kept.sum() < k + 2:
+            continue  # too few kept entries to read c back
+        a, target = rows[g][kept], y[g][kept] / scale - bias[kept]
+        c = _lstsq(a, target, rcond=None)[0]
+        residual = _float(T.np_max(T.np_abs(a @ c - target)))
+        tol = 1e-7 * (1 + T.np_abs(base[g]))
+        zc = T.np_abs(c) <= tol
+        if residual > 1e-7 * (1 + _float(T.np_max(T.np_abs(target)))):
+            raise CheckFailure(f"{label}: dropout acts in the wrong place.\n  Likely mistake: {DROPOUT_SITES[site]}")
+        if not T.np_all(zc | (T.np_abs(c - base[g] * scale) <= tol)):
+            if T.np_all(T.np_abs(c - base[g]) <= tol):
+                raise CheckFailure(f"{label}: one of the four dropouts is missing.\n  Likely mistake: {DROPOUT_SITES[missing]}")
+            if T.np_all(zc | (T.np_abs(c - base[g]) <= tol)):
+                raise CheckFailure(f"{label}: dropout acts, but not as it should.\n  Likely mistake: {DROPOUT_SITES['rescale']}")
+            raise CheckFailure(f"{label}: dropout acts in the wrong place.\n  Likely mistake: {DROPOUT_SITES[site]}")
+        zero_c.append(zc)
+    return zero_y, (T.np_concat(zero_c) if zero_c else T.np_zeros(0, dtype=T.np_bool))
+
+
+def _as_float32(p: dict) -> dict:
+    """``p`` rounded to float32, as the block receives it through a float32 state dict."""
+    return {k: T.np_array(v.astype(T.np_float32), dtype=T.np_float64) for k, v in p.items()}
+
+
+def _placement_run(module, x: np.ndarray, label: str, torch_seed: int) -> np.ndarray:
+    with R.fork_rng(devices=[]):
+        R.manual_seed(torch_seed)
+        result = _forward(module, label, R.tensor_of(x, F64), {})
+    out = R.tensor_result(result, label=label, what="output", dtype=F64)
+    if T._tuple(out.shape) != T._tuple(x.shape):
+        raise CheckFailure(
+            f"{label}: the output should have shape (B, L, d_model) = {T._tuple(x.shape)}, got {T._tuple(out.shape)}."
+        )
+    return out
+
+
 def _check_dropout_train(cls, rng) -> None:
-    """Training mode with dropout=0.5: dropout must act (two calls differ); dropout=0.0 must not change anything."""
+    """Training mode: dropout acts in nn.TransformerEncoderLayer's four places, and nowhere else.
+
+    Read back from the output, in float64, with parameters that isolate one sub-layer at a time:
+    with linear2 = 0 a pre-norm block returns x + dropout(SA(norm1(x))); out_proj is diagonal with
+    a bias, so a dropped entry of SA's output is exactly 0 and a kept one reveals the heads' output,
+    from which (head_dim > L) the dropped attention weights are solved. With out_proj = 0 the block
+    returns x + dropout(linear2(dropout(gelu(linear1(norm2(x)))))), read back the same way. A
+    post-norm block must return tokens with mean 0 and variance 1 when norm2 has gamma 1 and beta 0.
+    """
+    prob = 0.25
+    torch_seed = _int(rng.integers(1, 2**31))
+
+    # (1) attention: the weights and self-attention's output.
+    e, h, f, b, n = 32, 2, 8, 4, 4
+    d = e // h
+    p = _random_params(rng, e, f)
+    diag = rng.uniform(0.5, 1.5, size=e)
+    p["w_out"], p["w2"], p["b2"] = _eye(e) * diag, p["w2"] * 0, p["b2"] * 0
+    p = _as_float32(p)
+    module = _build(cls, e, h, f, dropout=prob, p=p, dtype=F64, train=True)
+    x = _data(rng, b, n, e)
+    label = f"{_signature(e, h, f, prob, True, 'relu')} in training mode [float64], linear2 = 0, on x of shape {(b, n, e)}"
+    out = _placement_run(module, x, label, torch_seed)
+    if T.np_any(T.np_abs(out) <= 1e-12):
+        raise CheckFailure(f"{label}: dropout acts in the wrong place.\n  Likely mistake: {DROPOUT_SITES['residual']}")
+    y = out - x
+    h1 = _layer_norm(x, p["g1"], p["be1"], EPS, T.np_float64)
+    sa, w = _self_attention(p, h1, h, kpm=None, am=None, causal=False, dtype=T.np_float64, variant="")
+    if max_error(y, sa) < 1e-9:
+        raise CheckFailure(
+            f"{label}: the output equals the output without dropout: dropout is not applied in training mode. Apply "
+            "dropout (probability `dropout`) to the attention weights, after self-attention, inside the feed-forward "
+            "network and after it, as nn.TransformerEncoderLayer does, and only while self.training is True."
+        )
+    vp = (h1 @ p["w_in"][2 * e :].T + p["b_in"][2 * e :]).reshape(b, n, h, d)  # values (B, S, H, D)
+    # groups (b, i, head): y[b, i, head block] = (diag * (w_used[b, head, i] @ v[b, :, head]) + b_out) / (1 - p)
+    ys = (y / diag).reshape(b, n, h, d).transpose(0, 2, 1, 3).reshape(b * h * n, d)
+    bias = (p["b_out"] / diag).reshape(h, d)
+    rows = T.np_array([vp[bi, :, hi].T for bi in range(b) for hi in range(h) for _ in range(n)])
+    bases = w.reshape(b * h * n, n)
+    if not T.np_any(T.np_abs(y) <= 1e-12):
+        raise CheckFailure(
+            f"{label}: no entry of self-attention's output was dropped.\n  Likely mistake: {DROPOUT_SITES['attn_out']}"
+        )
+    zero_y, zero_w = [], []
+    for hi in range(h):
+        idx = T.np_array([g for g in range(b * h * n) if (g // n) % h == hi])
+        zy, zw = _read_back(label, ys[idx], bases[idx], bias[hi], rows[idx], prob, "attn_place", "weights")
+        zero_y.append(zy)
+        zero_w.append(zw)
+    zero_w = T.np_concat(zero_w)
+    if zero_w.size and not T.np_any(zero_w):
+        raise CheckFailure(f"{label}: no attention weight was dropped.\n  Likely mistake: {DROPOUT_SITES['weights']}")
+    _drop_fraction(label, "on self-attention's output", T.np_concat(zero_y), prob)
+    _drop_fraction(label, "on the attention weights", zero_w, prob)
+
+    # (2) the feed-forward network: inside and after it (gelu, so dropout before the activation is visible).
+    e, h, f, b, n = 16, 2, 6, 8, 5
+    p = _random_params(rng, e, f)
+    p["w_out"], p["b_out"] = p["w_out"] * 0, p["b_out"] * 0
+    p["b1"] = p["b1"] + 1.0
+    p = _as_float32(p)
+    module = _build(cls, e, h, f, dropout=prob, activation="gelu", p=p, dtype=F64, train=True)
+    x = _data(rng, b, n, e)
+    label = f"{_signature(e, h, f, prob, True, 'gelu')} in training mode [float64], out_proj = 0, on x of shape {(b, n, e)}"
+    out = _placement_run(module, x, label, torch_seed)
+    if T.np_any(T.np_abs(out) <= 1e-12):
+        raise CheckFailure(f"{label}: dropout acts in the wrong place.\n  Likely mistake: {DROPOUT_SITES['residual']}")
+    y = (out - x).reshape(b * n, e)
+    h2 = _layer_norm(x, p["g2"], p["be2"], EPS, T.np_float64)
+    act = _gelu(h2 @ p["w1"].T + p["b1"], T.np_float64).reshape(b * n, f)
+    if not T.np_any(T.np_abs(y) <= 1e-12):
+        raise CheckFailure(
+            f"{label}: no entry of the feed-forward output was dropped.\n  Likely mistake: {DROPOUT_SITES['ff_out']}"
+        )
+    rows = T.np_array([p["w2"]] * (b * n))
+    zero_y, zero_a = _read_back(label, y, act, p["b2"], rows, prob, "ff_place", "ff_inner")
+    if zero_a.size and not T.np_any(zero_a):
+        raise CheckFailure(f"{label}: no activation was dropped.\n  Likely mistake: {DROPOUT_SITES['ff_inner']}")
+    _drop_fraction(label, "on the feed-forward output", zero_y, prob)
+    _drop_fraction(label, "after the activation", zero_a, prob)
+
+    # (3) post-norm: the block ends with norm2, so (gamma 1, beta 0) each output token has mean 0 and variance 1.
     e, h, f, b, n = 8, 2, 16, 2, 6
     p = _random_params(rng, e, f)
-    module = _build(cls, e, h, f, dropout=0.5, p=p, train=True)
-    xt = R.tensor_of(_data(rng, b, n, e), F32)
-    label = f"{_signature(e, h, f, 0.5, True, 'relu')} in training mode, called twice on the same x of shape {(b, n, e)}"
-    with R.fork_rng(devices=[]):
-        R.manual_seed(1)
-        first = R.tensor_result(_forward(module, label, xt, {}), label=label, what="output", dtype=F32)
-        second = R.tensor_result(_forward(module, label, xt, {}), label=label, what="output", dtype=F32)
-    if T.np_array_equal(first, second):
-        raise CheckFailure(
-            f"{label}: both calls gave the same output, so dropout is not applied in training mode. Apply dropout "
-            "(probability `dropout`) to the attention weights, after self-attention, inside the feed-forward network "
-            "and after it, as nn.TransformerEncoderLayer does, and only while self.training is True."
-        )
+    p["g2"], p["be2"] = p["g2"] * 0 + 1, p["be2"] * 0
+    module = _build(cls, e, h, f, dropout=prob, norm_first=False, p=p, dtype=F64, train=True)
+    x = _data(rng, b, n, e)
+    label = (
+        f"{_signature(e, h, f, prob, False, 'relu')} in training mode [float64], norm2 without affine, on x of shape {(b, n, e)}"
+    )
+    out = _placement_run(module, x, label, torch_seed)
+    mean, var = out.mean(axis=-1), out.var(axis=-1)
+    if _float(T.np_max(T.np_abs(mean))) > 1e-6 or _float(T.np_max(T.np_abs(var - 1))) > 1e-3:
+        raise CheckFailure(f"{label}: dropout acts in the wrong place.\n  Likely mistake: {DROPOUT_SITES['after_norm']}")
 
 
 def _check_gradients(cls, rng) -> None:
@@ -719,7 +886,7 @@ def _check_prev_case(fn, w: np.ndarray, dtype=F32, note: str = "") -> None:
     actual = _score_result(fn, (given,), label=label, h=h, n=n, given=given)
     expected = _offset_mean(w, -1, 1)
     atol = 1e-9 if dtype == F64 else 1e-6
-    expect_close(actual, expected, label=label, what="scores", atol=atol, fingerprints=_prev_fingerprints(w))
+    expect_close(actual, expected, label=label, what="result (one score per head)", atol=atol, fingerprints=_prev_fingerprints(w))
 
 
 def _toy_heads(n: int) -> np.ndarray:
@@ -788,7 +955,9 @@ def _check_ind_case(fn, w: np.ndarray, period: int, dtype=F32, note: str = "") -
     actual = _score_result(fn, (given, period), label=label, h=h, n=n, given=given)
     expected = _offset_mean(w, 1 - period, period)
     atol = 1e-9 if dtype == F64 else 1e-6
-    expect_close(actual, expected, label=label, what="scores", atol=atol, fingerprints=_ind_fingerprints(w, period))
+    expect_close(
+        actual, expected, label=label, what="result (one score per head)", atol=atol, fingerprints=_ind_fingerprints(w, period)
+    )
 
 
 def _toy_induction(period: int) -> np.ndarray:

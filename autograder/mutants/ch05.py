@@ -242,3 +242,57 @@ MUTANTS = [
     """,
     ),
 ]
+
+# Dropout missing from one of its four places, or in a place of its own: each passed the check that only compared
+# two training calls; the checks now read each dropout back from the output.
+_SA_DROP = "return F.dropout(out, self.p, training=self.training)"
+_FF_INNER = "h = F.dropout(self.act(self.linear1(h)), self.p, training=self.training)"
+_FF_OUT = "return F.dropout(self.linear2(h), self.p, training=self.training)"
+MUTANTS += [
+    _block(
+        "no_dropout_on_attention_weights",
+        "no dropout on the attention weights",
+        ("dropout=dropout, batch_first=True", "batch_first=True"),
+    ),
+    _block("no_dropout_after_attention", "no dropout on the output of self-attention", (_SA_DROP, "return out")),
+    _block("no_dropout_inside_ffn", "no dropout inside the feed-forward network", (_FF_INNER, "h = self.act(self.linear1(h))")),
+    _block("no_dropout_after_ffn", "no dropout on the output of the feed-forward network", (_FF_OUT, "return self.linear2(h)")),
+    _block(
+        "dropout_before_activation",
+        "wrong place: it acts on the activation's output",
+        (_FF_INNER, "h = self.act(F.dropout(self.linear1(h), self.p, training=self.training))"),
+    ),
+    _block(
+        "dropout_on_ffn_input",
+        "wrong place: it acts on the activation's output",
+        (_FF_INNER, "h = self.act(self.linear1(F.dropout(h, self.p, training=self.training)))"),
+    ),
+    _block(
+        "dropout_on_residual_sum",
+        "dropout acts on the residual sum",
+        (_SA_DROP, "return out"),
+        (
+            "x = x + self._sa(self.norm1(x), attn_mask, key_padding_mask, is_causal)",
+            "x = F.dropout(x + self._sa(self.norm1(x), attn_mask, key_padding_mask, is_causal), self.p, training=self.training)",
+        ),
+        (
+            "x = self.norm1(x + self._sa(x, attn_mask, key_padding_mask, is_causal))",
+            "x = self.norm1(F.dropout(x + self._sa(x, attn_mask, key_padding_mask, is_causal), self.p, training=self.training))",
+        ),
+    ),
+    _block(
+        "dropout_on_attention_input",
+        "dropout in the attention sub-layer is in the wrong place",
+        (
+            "out, w = self.self_attn(h, h, h,",
+            "h = F.dropout(h, self.p, training=self.training)\n        out, w = self.self_attn(h, h, h,",
+        ),
+    ),
+    _block(
+        "dropout_after_final_norm",
+        "dropout acts after the final LayerNorm",
+        (_FF_OUT, "return self.linear2(h)"),
+        ("x = self.norm2(x + self._ff(x))", "x = F.dropout(self.norm2(x + self._ff(x)), self.p, training=self.training)"),
+        ("x = x + self._ff(self.norm2(x))", "x = x + F.dropout(self._ff(self.norm2(x)), self.p, training=self.training)"),
+    ),
+]
