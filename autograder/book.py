@@ -25,7 +25,8 @@ from autograder.notebook_format import grade_id, read, render
 BUILD = ROOT / "_build"
 STAGE = BUILD / "stage"
 CACHE = BUILD / "execution-cache"
-BOOK_FILES = ("_config.yml", "_toc.yml", "*.md", "chapters/*.md", "_ext", "_static", "figures", "appendices")
+# student/: the Colab, Binder and download buttons point at these copies (_ext/student_links.py).
+BOOK_FILES = ("_config.yml", "_toc.yml", "*.md", "chapters/*.md", "_ext", "_static", "figures", "appendices", "student/*.ipynb")
 EXEC_TIMEOUT_S = 600
 
 

@@ -15,13 +15,13 @@ def _sync(args: argparse.Namespace) -> int:
     drifted = sync(check=args.check)
     if args.check:
         if drifted:
-            print("These notebooks differ from solutions/ (run `python -m autograder sync`):", file=sys.stderr)
+            print("These notebooks differ from what sync writes (run `python -m autograder sync`):", file=sys.stderr)
             for name in drifted:
-                print(f"  chapters/{name}", file=sys.stderr)
+                print(f"  {name}", file=sys.stderr)
             return 1
-        print("chapters/ match solutions/.")
+        print("chapters/ match solutions/, and student/ matches chapters/.")
         return 0
-    print("Rewrote: " + ", ".join(drifted) if drifted else "chapters/ already match solutions/.")
+    print("Rewrote: " + ", ".join(drifted) if drifted else "chapters/ and student/ already up to date.")
     return 0
 
 
@@ -61,7 +61,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m autograder", description=__doc__)
     sub = p.add_subparsers(dest="verb", required=True)
 
-    s = sub.add_parser("sync", help="regenerate exercise cells in chapters/ from solutions/")
+    s = sub.add_parser("sync", help="regenerate exercise cells in chapters/ from solutions/, and the student copies in student/")
     s.add_argument("--check", action="store_true", help="only report drift; exit 1 if any")
     s.set_defaults(func=_sync)
 

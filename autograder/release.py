@@ -1,4 +1,9 @@
-"""``release``: an nbgrader course directory with ``source/`` and ``release/`` for every chapter."""
+"""``release``: an nbgrader course directory with ``source/`` and ``release/`` for every chapter.
+
+Both hold the prose in student form (``autograder.student_form``): nbgrader copies Markdown
+cells from ``source/`` to ``release/`` unchanged, and students open ``release/`` in plain
+JupyterLab, Colab or VS Code, which do not render MyST.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +15,15 @@ import nbformat
 from autograder.course import CHAPTERS, Chapter
 from autograder.nbgrader_config import nbgrader_api
 from autograder.notebook_format import clear_outputs, read, render
+from autograder.student_form import student_notebook
 
 
 def write_source(chapter: Chapter, course_dir: Path) -> Path:
-    """``source/<slug>/<slug>.ipynb``: solutions and hidden tests in place."""
+    """``source/<slug>/<slug>.ipynb``: solutions and hidden tests in place, prose in student form."""
     target = course_dir / "source" / chapter.slug / f"{chapter.slug}.ipynb"
     target.parent.mkdir(parents=True, exist_ok=True)
-    nbformat.write(clear_outputs(render(read(chapter.notebook), chapter, "source")), str(target))
+    nb = clear_outputs(render(read(chapter.notebook), chapter, "source"))
+    nbformat.write(student_notebook(nb, f"chapters/{chapter.slug}"), str(target))
     return target
 
 

@@ -228,7 +228,7 @@ def test_search_finds_softmax(context, site):
 def test_launch_buttons_open_the_chapter_notebook_in_colab_and_binder(reports, name):
     repo = CONFIG["repository"]["url"].removeprefix("https://github.com/")
     branch = CONFIG["repository"]["branch"]
-    notebook = f"{name}.ipynb"
+    notebook = f"student/{Path(name).name}.ipynb"  # the generated student copy (plain Markdown), see _ext/student_links.py
     launch = reports[name].nav["launch"]
     colab = f"https://colab.research.google.com/github/{repo}/blob/{branch}/{notebook}"
     assert colab in launch, f"{name}: no Colab link {colab} in {launch}"
@@ -250,6 +250,7 @@ def test_download_button_gives_the_notebook(reports, context, name, tmp_path):
     graded = re.match(r"chapters/\d\d_", name) is not None  # appendices have no exercises
     problems = notebook_problems(path, expect_skeleton=graded)
     assert not problems, _report(problems)
+    assert path.read_text() == (ROOT / "student" / path.name).read_text(), f"{name}: the download is not student/{path.name}"
 
 
 # --- acceptance: the checks catch a broken equation, figure, link and cross-reference ----

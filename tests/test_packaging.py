@@ -16,13 +16,31 @@ def _norm(req: str) -> str:
     return re.sub(r"\s+", "", req).lower().replace("_", "-")
 
 
+SELF = PYPROJECT["project"]["name"]
+
+
+def _extras() -> dict[str, list[str]]:
+    return PYPROJECT["project"]["optional-dependencies"]
+
+
+def _author_requirements() -> list[str]:
+    """What `pip install -e ".[test]"` asks for: the test extra, with the extras it names expanded."""
+    reqs, todo = [], list(_extras()["test"])
+    while todo:
+        req = todo.pop(0)
+        if _norm(req).startswith(SELF + "["):
+            todo += [r for extra in _norm(req)[len(SELF) + 1 : -1].split(",") for r in _extras()[extra]]
+        else:
+            reqs.append(req)
+    return reqs
+
+
 def test_environment_yml_matches_pyproject():
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     assert "python=3.11" in env["dependencies"]
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
     from_env = {_norm(r) for r in pip if not r.startswith("-e")}
-    project = PYPROJECT["project"]
-    from_pyproject = {_norm(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]}
+    from_pyproject = {_norm(r) for r in _author_requirements()}
     assert from_env == from_pyproject, (
         f"environment.yml and pyproject.toml differ: only in environment.yml {sorted(from_env - from_pyproject)}, "
         f"only in pyproject.toml {sorted(from_pyproject - from_env)}"
@@ -30,7 +48,8 @@ def test_environment_yml_matches_pyproject():
 
 
 def test_stack_is_pinned():
-    deps = {re.split(r"[=<>!~]", _norm(r))[0]: _norm(r) for r in PYPROJECT["project"]["dependencies"]}
+    """Authors and graders get the stack exactly as measured; the test extra installs all of it."""
+    deps = {re.split(r"[=<>!~;]", _norm(r))[0]: _norm(r) for r in _author_requirements()}
     assert deps["jupyter-book"] == "jupyter-book==1.0.4.post1"
     assert deps["nbgrader"] == "nbgrader==0.9.6"
     assert deps["sphinx"].startswith("sphinx==7.")
@@ -38,6 +57,10 @@ def test_stack_is_pinned():
     assert ">=2.13" in torch and "<2.14" in torch, "torch must be a range that the local 2.13.0 wheel satisfies"
     unpinned = [r for name, r in deps.items() if name != "torch" and "==" not in r]
     assert not unpinned, f"unpinned dependencies: {unpinned}"
+    used = {
+        extra for r in _extras()["test"] if _norm(r).startswith(SELF + "[") for extra in _norm(r)[len(SELF) + 1 : -1].split(",")
+    }
+    assert used == set(_extras()) - {"test"}, f"the test extra must include every other extra, it names {sorted(used)}"
 
 
 def test_ci_runs_the_readme_test_command():

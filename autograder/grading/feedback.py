@@ -5,7 +5,9 @@ autograded notebook is copied, every hidden test cell's code between ``### BEGIN
 TESTS`` and ``### END HIDDEN TESTS`` is replaced by a sentence, the tracebacks of hidden
 cells are reduced to their messages (a traceback quotes the cell's code), a summary cell
 (score, each test's points and message, what the grader did) is put on top, and the page
-is rendered with nbgrader's feedback template and scores.
+is rendered with nbgrader's feedback template and scores. The prose is shown in student form
+(``autograder.student_form``): a notebook opened from ``chapters/`` carries MyST roles and
+labels, which nbconvert would print as raw text.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import nbformat
 
 from autograder.notebook_format import BEGIN_HIDDEN, END_HIDDEN
+from autograder.student_form import student_notebook
 
 HIDDEN_SENTENCE = "# The hidden tests ran here when your notebook was graded; their code is not shown."
 
@@ -105,6 +108,7 @@ class FeedbackWriter:
         if autograded is not None and autograded.exists():
             nb = nbformat.read(str(autograded), as_version=4)
             nb, _ = scrub_hidden(nb)
+            nb = student_notebook(nb, f"chapters/{result['assignment']}", strict=False)
             nb.cells.insert(0, _summary_cell(result))
             resources = {
                 "nbgrader": {
