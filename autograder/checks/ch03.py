@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from autograder.checks import trusted as T
 from autograder.checks.common import CheckFailure, call, expect_close, expect_shape, max_error, passed, show
+from autograder.checks.objects import module_to, output_gradients, parameter_names, set_parameters
 
 # --- references captured at import time -------------------------------------------------
 _ValueError = builtins.ValueError
@@ -364,7 +365,7 @@ def _build(cls, d_model: int, d_k, d_v, bias) -> tuple[nn.Module, str, int, int]
     dk = d_model if d_k is None else d_k
     dv = d_model if d_v is None else d_v
     has_bias = bool(bias)
-    registered = {_id(p) for p in _module_parameters(module)}
+    registered = parameter_names(module)
     for attr, out_dim, dim_name in (("W_q", dk, "d_k"), ("W_k", dk, "d_k"), ("W_v", dv, "d_v")):
         try:
             lin = _getattr(module, attr)
@@ -396,7 +397,7 @@ def _build(cls, d_model: int, d_k, d_v, bias) -> tuple[nn.Module, str, int, int]
                 f"{ctor}: `{attr}` has a bias, but bias=False (the default) was asked for: pass bias=bias to nn.Linear "
                 "(nn.Linear's own default is bias=True)."
             )
-        if _id(lin.weight) not in registered:
+        if f"{attr}.weight" not in registered:
             raise CheckFailure(
                 f"{ctor}: `{attr}` is not registered as a submodule; assign it as self.{attr} after super().__init__()."
             )
@@ -406,13 +407,13 @@ def _build(cls, d_model: int, d_k, d_v, bias) -> tuple[nn.Module, str, int, int]
 def _load(module: nn.Module, P: _Params, dtype) -> None:
     """Copy the check's weights into the student's projections, converting the module to ``dtype``."""
     if dtype == _float64:
-        _module_to(module, _float64)
-    with _no_grad():
-        for attr, W, b in (("W_q", P.Wq, P.bq), ("W_k", P.Wk, P.bk), ("W_v", P.Wv, P.bv)):
-            lin = _getattr(module, attr)
-            _copy_(lin.weight, _t_from_numpy(W.astype(np.float64)))
-            if b is not None:
-                _copy_(lin.bias, _t_from_numpy(b.astype(np.float64)))
+        module_to(module, _float64)
+    values = {}
+    for attr, W, b in (("W_q", P.Wq, P.bq), ("W_k", P.Wk, P.bk), ("W_v", P.Wv, P.bv)):
+        values[f"{attr}.weight"] = _t_from_numpy(W.astype(np.float64))
+        if b is not None:
+            values[f"{attr}.bias"] = _t_from_numpy(b.astype(np.float64))
+    set_parameters(module, values)
 
 
 def _unpack(result, label: str):
@@ -572,13 +573,16 @@ def _check_gradients(module: nn.Module, x_t, P: _Params, dk: int, label: str, se
     rng = T.default_rng(seed)
     out = _unpack(call(module, x_t, label=label), label)[0]
     G = _t_from_numpy(rng.normal(size=T._tuple(out.shape)))
-    params = [_getattr(module, a).weight for a in ("W_q", "W_k", "W_v")]
-    if not out.requires_grad:
+    params = [f"{a}.weight" for a in ("W_q", "W_k", "W_v")]
+    reply = call(output_gradients, module, x_t, output_index=0, grad_output=G, params=params, label=label)
+    if not reply["requires_grad"]:
         raise CheckFailure(
             f"{label}: the output carries no gradient, so W_q, W_k and W_v could never be learned. Likely mistake: a "
             "detach(), .data, torch.no_grad() or a trip through NumPy inside forward."
         )
-    got = _autograd_grad(_t_sum(_t_mul(out, G)), params, allow_unused=True)
+    got = reply["grads"]
+    if T._type(got) is not T._list or T._len(got) != 3 or not all(g is None or T.is_tensor(g) for g in got):
+        raise CheckFailure(f"{label}: the gradients came back as {T.type_name(got)}, not three tensors.")
     # float64 autograd oracle built from captured torch functions
     x64 = _t_from_numpy(T.tensor_to_float64(x_t))
     Ws = [_requires_grad_(_t_from_numpy(W.copy())) for W in (P.Wq, P.Wk, P.Wv)]

@@ -119,11 +119,29 @@ def expect_close(
     raise CheckFailure("\n".join(lines))
 
 
+def source_tree(obj) -> ast.AST | None:
+    """The syntax tree of a student function or class: from the exercise cell the judge read
+    from the notebook when ``obj`` lives in the student's kernel, else from ``inspect``."""
+    from autograder.grading.judge import source_of
+    from autograder.grading.remote import is_remote
+
+    try:
+        if is_remote(obj):
+            text = source_of(obj)
+            if not text:
+                return None
+            tree = ast.parse(text)
+            defs = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+            return defs[-1] if len(defs) == 1 else tree
+        return ast.parse(textwrap.dedent(inspect.getsource(obj)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+
+
 def loops_in(fn: Callable) -> list[str]:
     """Python-level loops in ``fn``'s source (for 'vectorise it' exercises); [] when unknown."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
-    except (OSError, TypeError, SyntaxError):
+    tree = source_tree(fn)
+    if tree is None:
         return []
     found = []
     for node in ast.walk(tree):
@@ -144,13 +162,22 @@ _vars = vars  # captured: the checks below must see the class as defined, not a 
 def names_used_in_methods(cls: type, names: set[str]) -> list[str]:
     """Uses of any of ``names`` (as a name or an attribute) in the methods of ``cls``; [] when the source is unknown."""
     found = []
-    for attr, fn in _vars(cls).items():
-        if not inspect.isfunction(fn):
-            continue
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
-        except (OSError, TypeError, SyntaxError):
-            continue
+    from autograder.grading.remote import is_remote
+
+    if is_remote(cls):
+        tree = source_tree(cls)
+        body = tree.body if isinstance(tree, ast.ClassDef) else []
+        methods = [(n.name, n) for n in body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    else:
+        methods = []
+        for attr, fn in _vars(cls).items():
+            if not inspect.isfunction(fn):
+                continue
+            try:
+                methods.append((attr, ast.parse(textwrap.dedent(inspect.getsource(fn)))))
+            except (OSError, TypeError, SyntaxError):
+                continue
+    for attr, tree in methods:
         for node in ast.walk(tree):
             name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
             if name in names:

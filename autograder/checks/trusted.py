@@ -14,6 +14,8 @@ _type = builtins.type
 _isinstance = builtins.isinstance
 _len = builtins.len
 _tuple = builtins.tuple
+_list = builtins.list
+_dict = builtins.dict
 _repr = builtins.repr
 
 ndarray = np.ndarray
@@ -64,6 +66,10 @@ except ImportError:  # chapter 1 needs NumPy only
 
 def type_name(obj: object) -> str:
     t = _type(obj)
+    if t.__module__ == "autograder.grading.remote":  # a stand-in for an object in the student's kernel
+        from autograder.grading.remote import remote_type_name
+
+        return remote_type_name(obj)
     return f"{t.__module__}.{t.__qualname__}" if t.__module__ != "builtins" else t.__qualname__
 
 

@@ -17,16 +17,24 @@ It replaces :class:`nbgrader.preprocessors.Execute` in the autograde pipeline an
   (``success_pattern``, printed by ``autograder.checks.common.passed``); a notebook that
   replaced IPython's ``run_cell`` or swallowed exceptions therefore cannot pass tests it
   did not run;
-* **clearer messages** for timeouts, ``SystemExit``, ``MemoryError``, process and file limits.
+* **clearer messages** for timeouts, ``SystemExit``, ``MemoryError``, process and file limits;
+* **trusted verdicts** (when the grader sets :data:`JUDGE`): a test cell of an exercise whose
+  checks run on the trusted side is not executed in the kernel at all. Its checks run here, in
+  the grader's process (:mod:`autograder.grading.judge`), calling the student's objects through
+  the kernel's agent with data only, and the cell's output is the checks' own verdict.
 
 What happened is also recorded in :data:`EVENTS` for the grader's summary.
 """
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import copy
+import queue
 import re
+import time
+from dataclasses import dataclass, field
 
 from jupyter_core.utils import run_sync
 from nbclient.exceptions import CellTimeoutError, DeadKernelError
@@ -50,6 +58,20 @@ EVENTS: list[dict] = []
 # Set by the grading worker: the kernel manager that starts kernels in its sandbox (nbgrader's
 # Execute passes its own class as a constructor argument, which config cannot override).
 KERNEL_MANAGER_CLASS = None
+
+
+@dataclass
+class JudgeContext:
+    """What the trusted side of one notebook's grading needs: its chapter and released skeleton."""
+
+    chapter: object  # autograder.course.Chapter
+    skeleton: object  # the released notebook (nbformat), for "is this exercise still the skeleton?"
+    flags: list = field(default_factory=list)
+
+
+# Set by the grading worker around each autograde: None runs every test cell in the kernel.
+JUDGE: JudgeContext | None = None
+AGENT = "__import__('autograder.grading.agent', fromlist=['serve']).serve"
 
 
 def _grade_id(cell) -> str | None:
@@ -122,6 +144,10 @@ class SandboxedExecute(Execute):
         if self._dead:
             cell.outputs = [_error("NotRun", "not run: the kernel died too many times in this notebook.")]
             self._event(index, "not_run", "not run: the kernel died too many times")
+            return cell, self.resources
+        judged = self._judged(cell)
+        if judged is not None:
+            cell = self._judge_cell(cell, index, *judged)
             return cell, self.resources
         cell = run_sync(self._run_cell)(cell, index)
         self._post_process(cell, index)
@@ -225,6 +251,115 @@ class SandboxedExecute(Execute):
                     self.nb.cells[i] = original
         finally:
             self._replaying = False
+
+    # -- trusted verdicts ---------------------------------------------------------------
+
+    def _judged(self, cell):
+        """(exercise, hidden) when this test cell's verdict comes from the trusted side."""
+        if JUDGE is None or not _is_graded(cell):
+            return None
+        from autograder.grading.judge import exercise_of, is_trusted
+
+        found = exercise_of(JUDGE.chapter, _grade_id(cell))
+        return found if found is not None and is_trusted(found[0]) else None
+
+    def _judge_cell(self, cell, index: int, ex, hidden: bool):
+        from autograder.grading.judge import cell_facts, run_remote_check
+        from autograder.grading.remote import Remote
+
+        facts = cell_facts(self.nb, JUDGE.skeleton, ex.name)
+        self._judge_deadline = time.monotonic() + self.timeout
+        self._judge_broken = None
+        remote = Remote(self._transport)
+        verdict = run_remote_check(ex, remote, facts, hidden)
+        outputs = []
+        stdout = verdict.stdout if len(verdict.stdout) < self.output_limit_kb * 1024 else verdict.stdout[-4096:]
+        if verdict.passed:
+            outputs.append(new_output("stream", name="stdout", text=stdout or f"\u2714 {ex.name}: checks passed\n"))
+        else:
+            if stdout:
+                outputs.append(new_output("stream", name="stdout", text=stdout))
+            outputs.append(_error("CheckFailure", verdict.message))
+        cell.outputs = outputs
+        for flag in verdict.flags:
+            JUDGE.flags.append(flag)
+            self._event(index, "flag", flag)
+        if self._judge_broken is not None:
+            self._event(index, self._judge_broken, verdict.message.splitlines()[0] if verdict.message else self._judge_broken)
+            cell.outputs[-1]["evalue"] += self._restart_note()
+            run_sync(self._restart)(index)
+        return cell
+
+    def _transport(self, request: str) -> str:
+        from autograder.grading.remote import RemoteCallError
+
+        if self._judge_broken is not None:
+            raise RemoteCallError("the kernel stopped answering earlier in this check")
+        return run_sync(self._rpc)(request)
+
+    async def _rpc(self, request: str) -> str:
+        """Send one request to the kernel's agent (``user_expressions``: no cell, no transformers)."""
+        from autograder.grading.remote import RemoteCallError
+
+        msg_id = self.kc.execute(
+            "", silent=True, store_history=False, user_expressions={"r": f"{AGENT}('{request}')"}, allow_stdin=False
+        )
+        interrupted = False
+        while True:
+            left = self._judge_deadline - time.monotonic()
+            if left <= 0 and not interrupted:
+                interrupted = True
+                self._judge_deadline = time.monotonic() + 5
+                await self.km.interrupt_kernel()
+                continue
+            if left <= 0:
+                self._judge_broken = "stuck"
+                raise RemoteCallError(
+                    f"your code did not finish within {self.timeout} s on the check's inputs and did not stop when interrupted"
+                )
+            try:
+                msg = await self.kc.get_shell_msg(timeout=min(left, 1.0))
+            except queue.Empty:
+                if not await self.km.is_alive():
+                    from autograder.sandbox import describe_exit
+
+                    self._judge_broken = "kernel_died"
+                    raise RemoteCallError(
+                        f"the kernel died while running your code on the check's inputs: {describe_exit(self._exit_status())}"
+                    ) from None
+                continue
+            if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                continue
+            break
+        await self._drain_iopub()
+        if interrupted:
+            raise RemoteCallError(f"your code did not finish within {self.timeout} s on the check's inputs (interrupted)")
+        content = msg.get("content", {})
+        if content.get("status") != "ok":
+            raise RemoteCallError(
+                f"the kernel refused the request ({content.get('ename', 'error')}: {content.get('evalue', '')})"
+            )
+        answer = (content.get("user_expressions") or {}).get("r") or {}
+        if answer.get("status") != "ok":
+            raise RemoteCallError(
+                f"the kernel could not answer ({answer.get('ename', 'error')}: {answer.get('evalue', '')})"[:500]
+            )
+        text = (answer.get("data") or {}).get("text/plain")
+        try:
+            value = ast.literal_eval(text) if type(text) is str and text[:1] in "'\"" else None
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            value = None
+        if type(value) is not str:
+            raise RemoteCallError("the kernel's answer is not a string")
+        return value
+
+    async def _drain_iopub(self) -> None:
+        """Drop what the student's code printed while the judge called it (it is not part of the verdict)."""
+        while True:
+            try:
+                await self.kc.get_iopub_msg(timeout=0.01)
+            except queue.Empty:
+                return
 
     # -- output cap ---------------------------------------------------------------------
 

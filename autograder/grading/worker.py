@@ -20,7 +20,7 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from autograder.checks.seeding import DEFAULT_COURSE_SEED, ENV, student_salt
+from autograder.checks.seeding import DEFAULT_COURSE_SEED, ENV, set_salt, student_salt
 from autograder.course import find_chapter
 from autograder.grading.inputs import Submission, hash_files
 from autograder.sandbox import Limits
@@ -40,6 +40,7 @@ class Options:
     source_sha: dict = field(default_factory=dict)
     figures: bool = False
     hidden_seed: str = DEFAULT_COURSE_SEED
+    trusted: bool = True  # verdicts from this process (False: every test runs in the kernel, as before)
 
 
 def result_path(out: Path, assignment: str, student: str) -> Path:
@@ -203,9 +204,16 @@ class Grader:
             self.feedback.write(result, None)
             return
 
-        result["hidden_salt"] = self.use_salt(sub.student)
-        reply = self.api().autograde(sub.assignment, sub.student, force=True, create=True)
+        result["hidden_salt"] = self.use_salt(sub.student, chapter)
+        execute.JUDGE = execute.JudgeContext(chapter, self.release(sub.assignment)) if self.opts.trusted else None
+        try:
+            reply = self.api().autograde(sub.assignment, sub.student, force=True, create=True)
+        finally:
+            judge, execute.JUDGE = execute.JUDGE, None
+            set_salt(None)
         result["events"] = list(execute.EVENTS)
+        if judge is not None:
+            result["flags"] = list(result.get("flags", [])) + judge.flags
         graded_nb = autograded / f"{sub.assignment}.ipynb"
         if not reply["success"] or not graded_nb.exists():
             log = (reply.get("error") or "") + "\n" + (reply.get("log") or "")
@@ -218,13 +226,24 @@ class Grader:
         result["max_score"] = float(sum(t.max_points for t in tests)) or chapter.max_score
         self.feedback.write(result, graded_nb)
 
-    def use_salt(self, student: str) -> str:
-        """Give the next kernels ``student``'s hidden-test salt (in their environment); returns it."""
+    def use_salt(self, student: str, chapter) -> str:
+        """Draw ``student``'s hidden inputs: the judge (this process) uses the salt; returns it.
+
+        The salt reaches the kernel only for a chapter whose checks still run there (see
+        :data:`autograder.grading.judge.TRUSTED_CHAPTERS`); a trusted chapter's kernel never sees it.
+        """
+        from autograder.grading.judge import is_trusted
+
         salt = student_salt(student, self.opts.hidden_seed)
+        set_salt(salt)
+        in_kernel = not self.opts.trusted or not all(is_trusted(ex) for ex in chapter.exercises)
+        extra = {ENV: salt} if in_kernel else {}
         if self.sandbox is not None:
-            self.sandbox.kernel_extra = {ENV: salt}
-        else:  # unsandboxed kernels inherit the worker's environment
+            self.sandbox.kernel_extra = extra
+        elif in_kernel:  # unsandboxed kernels inherit the worker's environment
             os.environ[ENV] = salt
+        else:
+            os.environ.pop(ENV, None)
         return salt
 
     def _copy_folder(self, sub: Submission, sdir: Path, result: dict) -> None:

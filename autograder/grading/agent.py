@@ -1,0 +1,181 @@
+"""The kernel's side of trusted grading: answer the judge's calls on the student's objects.
+
+Runs in the student's (sandboxed) kernel, so nothing here is trusted: it only calls what the
+judge asks for and sends back what came out, as data (:mod:`autograder.grading.wire`).
+Objects that are not plain data stay here, in a table, and go back as handles. The judge
+reaches :func:`serve` through an ``execute_request``'s ``user_expressions`` (evaluated with
+plain ``eval``: no input or AST transformers, no cell of the notebook).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import warnings
+
+from autograder.grading import wire
+
+_objects: dict[int, object] = {}
+_namespace_override: dict | None = None
+_ids: dict[int, int] = {}
+MAX_LIST = 100_000
+MAX_REPR = 2000
+
+
+def set_namespace(ns: dict | None) -> None:
+    """Serve the names of ``ns`` instead of the kernel's (for tests that judge in one process)."""
+    global _namespace_override
+    _namespace_override = ns
+    _objects.clear()
+    _ids.clear()
+
+
+def _namespace() -> dict:
+    if _namespace_override is not None:
+        return _namespace_override
+    try:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+        if shell is not None:
+            return shell.user_ns
+    except ImportError:
+        pass
+    import __main__
+
+    return vars(__main__)
+
+
+def _qualname(t: type) -> str:
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+def handle(obj) -> dict:
+    key = id(obj)
+    if key not in _ids:
+        _ids[key] = len(_objects) + 1
+        _objects[_ids[key]] = obj
+    t = type(obj)
+    try:
+        mro = [_qualname(c) for c in t.__mro__]
+    except Exception:  # noqa: BLE001
+        mro = []
+    return {"$h": _ids[key], "type": _qualname(t), "mro": mro, "callable": callable(obj), "class": isinstance(obj, type)}
+
+
+def _resolve(tree: dict):
+    h = tree.get("$h")
+    if h not in _objects:
+        raise wire.WireError(f"no object {h!r} in the kernel (the kernel may have restarted)")
+    return _objects[h]
+
+
+def _seed(n: int) -> None:
+    import random
+
+    random.seed(n)
+    try:
+        import numpy as np
+
+        np.random.seed(n % 2**32)
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        torch.manual_seed(n)
+    except ImportError:
+        pass
+
+
+def _path(obj, path: str):
+    for part in path.split(".") if path else []:
+        obj = getattr(obj, part)
+    return obj
+
+
+def _grad(fn, args, kwargs, output_index, grad_output, wrt_obj, wrt):
+    """Call ``fn``, then d sum(out * grad_output) / d each target of ``wrt``."""
+    import torch
+
+    result = fn(*args, **kwargs)
+    out = result[output_index] if output_index is not None else result
+    if type(out) is not torch.Tensor or not out.requires_grad:
+        return {"result": result, "requires_grad": False, "grads": []}
+    targets, where = [], []
+    for w in wrt:
+        if "arg" in w:
+            targets.append(args[w["arg"]])
+        else:
+            targets.append(_path(wrt_obj if wrt_obj is not None else fn, w["attr"]))
+        where.append(w)
+    grads = torch.autograd.grad((out * grad_output.to(out.dtype)).sum(), targets, allow_unused=True)
+    return {"result": result, "requires_grad": True, "grads": list(grads)}
+
+
+def _dispatch(op: str, req: dict):
+    if op == "lookup":
+        ns = _namespace()
+        name = req["name"]
+        if name not in ns:
+            raise NameError(f"name {name!r} is not defined")
+        return ns[name]
+    if op == "reset":
+        _objects.clear()
+        _ids.clear()
+        return None
+    if op == "seed":
+        _seed(int(req["seed"]))
+        return None
+    target = req["target"]
+    if op == "call":
+        return target(*req.get("args", ()), **req.get("kwargs", {}))
+    if op == "getattr":
+        return getattr(target, req["name"])
+    if op == "setattr":
+        setattr(target, req["name"], req["value"])
+        return None
+    if op == "getitem":
+        return target[req["key"]]
+    if op == "len":
+        return int(len(target))
+    if op == "list":
+        out = []
+        for item in target:
+            out.append(item)
+            if len(out) > MAX_LIST:
+                raise ValueError(f"more than {MAX_LIST} items")
+        return out
+    if op == "repr":
+        return str(repr(target))[:MAX_REPR]
+    if op == "grad":
+        return _grad(target, req["args"], req["kwargs"], req["output_index"], req["grad_output"], req.get("wrt_obj"), req["wrt"])
+    raise ValueError(f"unknown operation {op!r}")
+
+
+def serve(request: str) -> str:
+    """Decode a request, do it, encode what came back (or the exception) as base64 text."""
+    try:
+        tree, arrays = wire.unpack(base64.b64decode(request))
+        req = wire.Decoder(arrays, _resolve).decode(tree)
+        op = req.pop("op")
+        with warnings.catch_warnings(), contextlib.ExitStack() as stack:
+            warnings.simplefilter("ignore")
+            try:
+                import numpy as np
+
+                stack.enter_context(np.errstate(all="ignore"))
+            except ImportError:
+                pass
+            value = _dispatch(op, req)
+        enc = wire.Encoder(handle)
+        reply = {"ok": enc.encode(value)}
+    except BaseException as exc:  # noqa: BLE001  (every failure of student code goes back as data)
+        name = _qualname(type(exc))
+        try:
+            message = str(exc)[:4000]
+        except Exception:  # noqa: BLE001
+            message = "(the exception's message could not be read)"
+        mro = [_qualname(c) for c in type(exc).__mro__]
+        reply, enc = {"error": {"type": name, "mro": mro, "message": message}}, wire.Encoder()
+    return base64.b64encode(wire.pack(reply, enc.arrays)).decode()
