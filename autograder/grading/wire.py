@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import io
 import json
-from collections import OrderedDict as _OrderedDict
 import math
 import struct
+from collections import OrderedDict as _OrderedDict
 
 import numpy as np
 
