@@ -1,14 +1,17 @@
-"""``check NOTEBOOK``: grade one notebook through real nbgrader autograding.
+"""``check NOTEBOOK``: grade one notebook with the engine of ``grade``, through real nbgrader.
 
 The notebook is copied into a temporary course directory with its own gradebook, so the
-file given is never changed. ``CannotGrade`` means the notebook could not be graded at all
-(the command then exits non-zero); failing tests are a normal result.
+file given is never changed; it is graded by the same worker code as ``grade`` (sandboxed
+where bubblewrap exists, trusted verdicts, the student's own hidden inputs), so a student's
+self-check is the instructor's grade. ``CannotGrade`` means the notebook could not be graded
+at all (the command then exits non-zero); failing tests are a normal result.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import os
+import sys
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -16,10 +19,9 @@ from pathlib import Path
 
 import nbformat
 
+from autograder.checks.seeding import DEFAULT_COURSE_SEED
 from autograder.course import CHAPTERS, Chapter, find_chapter
-from autograder.nbgrader_config import nbgrader_api
 from autograder.notebook_format import grade_id
-from autograder.release import generate_assignment, write_source
 
 STUDENT = "student"
 
@@ -46,9 +48,12 @@ class Report:
     score: float
     max_score: float
     tests: list[TestResult] = field(default_factory=list)
+    flags: list[str] = field(default_factory=list)  # for the instructor; not part of the JSON contract
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        data = asdict(self)
+        data.pop("flags")
+        return json.dumps(data, indent=2)
 
     def table(self) -> str:
         width = max([len(t.grade_id) for t in self.tests] + [4])
@@ -59,6 +64,7 @@ class Report:
             for extra in t.message.splitlines()[1:] if not t.passed else []:
                 rows.append(f"{'':<{width}}  {'':>9}  {extra}")
         rows.append(f"{'total':<{width}}  {self.score:>4g}/{self.max_score:<4g}")
+        rows += [f"flagged for review: {f}" for f in self.flags]
         return "\n".join(rows)
 
 
@@ -157,34 +163,95 @@ def gradebook_scores(course_dir: Path, assignment: str, student: str) -> dict[st
         return {g.name: (float(g.score), float(g.max_score)) for g in grades}
 
 
-def grade_batch(chapter: Chapter, submissions: dict[str, Path], cell_timeout: int = 60) -> dict[str, Report]:
-    """Grade several notebooks of one chapter in one temporary course directory.
+def grade_batch(
+    chapter: Chapter,
+    submissions: dict[str, Path],
+    cell_timeout: int = 60,
+    sandbox: bool | None = None,
+    hidden_seed: str = DEFAULT_COURSE_SEED,
+    log=None,
+) -> dict[str, Report]:
+    """Grade several notebooks of one chapter with ``grade``'s engine, in a temporary course directory.
 
     ``submissions`` maps a student id to a notebook path; the files are copied, never changed.
+    ``sandbox``: True requires bubblewrap, False runs unsandboxed, None (default) uses it where it
+    is installed and says so where it is not. The hidden inputs are the student's own (their salt),
+    exactly as ``grade`` draws them, so both give the same scores and messages.
     """
+    from autograder.grade import prepare_course
+    from autograder.grading.inputs import Submission, hash_files
+    from autograder.grading.worker import Grader, Options
+    from autograder.sandbox import Limits, Sandbox, SandboxUnavailable, activate, bwrap_path, require_sandbox
+
+    log = log or (lambda *a: print(*a, file=sys.stderr))
+    if sandbox is None:
+        sandbox = bwrap_path() is not None
+        if not sandbox:
+            log(
+                "note: bubblewrap is not installed, so this check runs your notebook without a sandbox (as your own "
+                "user). The scores are the same; an instructor's `grade` runs it sandboxed."
+            )
+    elif sandbox:
+        require_sandbox()
     reports = {}
-    with tempfile.TemporaryDirectory(prefix="autograder-check-") as tmp:
+    old_backend = os.environ.get("MPLBACKEND")
+    os.environ["MPLBACKEND"] = "agg"
+    box = None
+    with (
+        tempfile.TemporaryDirectory(prefix="autograder-check-") as tmp,
+        tempfile.TemporaryDirectory(prefix="ag-", dir="/tmp" if os.path.isdir("/tmp") else None) as run_root,
+    ):
         course = Path(tmp)
-        write_source(chapter, course)
-        generate_assignment(chapter, course)
-        api = nbgrader_api(course, cell_timeout)
-        for student, path in submissions.items():
-            submitted = course / "submitted" / student / chapter.slug / f"{chapter.slug}.ipynb"
-            submitted.parent.mkdir(parents=True)
-            shutil.copyfile(path, submitted)
-            result = api.autograde(chapter.slug, student, force=True, create=True)
-            autograded = course / "autograded" / student / chapter.slug / f"{chapter.slug}.ipynb"
-            if not result["success"] or not autograded.exists():
-                detail = (result.get("error") or result.get("log") or "").strip().splitlines()[-5:]
-                raise CannotGrade(f"{path}: nbgrader could not autograde it:\n  " + "\n  ".join(detail))
-            tests = results_from(autograded, gradebook_scores(course, chapter.slug, student))
-            reports[student] = Report(str(path), sum(t.points for t in tests), sum(t.max_points for t in tests), tests)
+        os.chmod(run_root, 0o755)
+        limits = Limits(cell_timeout=cell_timeout)
+        try:
+            opts = Options(
+                out=course,
+                workers=1,
+                sandbox=sandbox,
+                limits=limits,
+                run_root=Path(run_root),
+                source_sha=prepare_course(course, [chapter.slug], hidden_seed),
+                hidden_seed=hidden_seed,
+            )
+            if sandbox:
+                try:
+                    box = Sandbox(Path(run_root) / "w0", limits, 0, "auto").start()
+                except SandboxUnavailable as exc:
+                    raise CannotGrade(f"the sandbox cannot start here: {exc}") from None
+                activate(box)
+            grader = Grader(opts, box)
+            for student, path in submissions.items():
+                path = Path(path).resolve()
+                sub = Submission(student, chapter.slug, str(path), files=[str(path)], sha256=hash_files([str(path)]))
+                r = grader.grade(sub)
+                if r["status"] == "ungradable":
+                    raise CannotGrade(f"{path}: {r['message']}")
+                if r["status"] != "graded":
+                    raise CannotGrade(f"{path}: {r['message']}")
+                tests = [TestResult(**t) for t in r["tests"]]
+                reports[student] = Report(str(path), r["score"], r["max_score"], tests, flags=list(r.get("flags", [])))
+        finally:
+            if box is not None:
+                box.close()
+                activate(None)
+            if old_backend is None:
+                os.environ.pop("MPLBACKEND", None)
+            else:
+                os.environ["MPLBACKEND"] = old_backend
     return reports
 
 
-def check(path: Path, chapter: str | None = None, cell_timeout: int = 60) -> Report:
-    """Grade one notebook; raise ``CannotGrade`` when it cannot be graded at all."""
+def check(
+    path: Path,
+    chapter: str | None = None,
+    cell_timeout: int = 60,
+    student: str = STUDENT,
+    hidden_seed: str = DEFAULT_COURSE_SEED,
+    sandbox: bool | None = None,
+) -> Report:
+    """Grade one notebook as ``grade`` would grade it for ``student``; raise ``CannotGrade`` when it cannot be graded at all."""
     path = Path(path)
     nb = load_notebook(path)
     ch = identify_chapter(nb, path, chapter)
-    return grade_batch(ch, {STUDENT: path}, cell_timeout)[STUDENT]
+    return grade_batch(ch, {student: path}, cell_timeout, sandbox=sandbox, hidden_seed=hidden_seed)[student]

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from autograder.checks.seeding import DEFAULT_COURSE_SEED
 from autograder.course import ROOT
 
 
@@ -37,7 +38,14 @@ def _check(args: argparse.Namespace) -> int:
     from autograder.check import CannotGrade, check
 
     try:
-        report = check(Path(args.notebook), chapter=args.chapter, cell_timeout=args.timeout)
+        report = check(
+            Path(args.notebook),
+            chapter=args.chapter,
+            cell_timeout=args.timeout,
+            student=args.student,
+            hidden_seed=args.hidden_seed,
+            sandbox=False if args.no_sandbox else None,
+        )
     except CannotGrade as exc:
         print(f"cannot grade: {exc}", file=sys.stderr)
         return 2
@@ -74,6 +82,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the results as JSON")
     s.add_argument("--chapter", help="the chapter (slug or number), when the notebook was renamed")
     s.add_argument("--timeout", type=int, default=60, help="seconds per cell (default 60)")
+    s.add_argument(
+        "--student", default="student", help="student id whose hidden inputs to draw (as `grade` does; default 'student')"
+    )
+    s.add_argument(
+        "--hidden-seed", default=DEFAULT_COURSE_SEED, help="course-wide seed of the hidden inputs (as `grade --hidden-seed`)"
+    )
+    s.add_argument("--no-sandbox", action="store_true", help="do not use bubblewrap even where it is installed")
     s.set_defaults(func=_check)
 
     s = sub.add_parser("book", help="execute the chapters, stage skeletons with outputs, build the HTML book")

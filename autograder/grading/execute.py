@@ -71,7 +71,6 @@ class JudgeContext:
 
 # Set by the grading worker around each autograde: None runs every test cell in the kernel.
 JUDGE: JudgeContext | None = None
-AGENT = "__import__('autograder.grading.agent', fromlist=['serve']).serve"
 
 
 def _grade_id(cell) -> str | None:
@@ -299,10 +298,11 @@ class SandboxedExecute(Execute):
 
     async def _rpc(self, request: str) -> str:
         """Send one request to the kernel's agent (``user_expressions``: no cell, no transformers)."""
+        from autograder.grading.agent import expression
         from autograder.grading.remote import RemoteCallError
 
         msg_id = self.kc.execute(
-            "", silent=True, store_history=False, user_expressions={"r": f"{AGENT}('{request}')"}, allow_stdin=False
+            "", silent=True, store_history=False, user_expressions={"r": expression(request)}, allow_stdin=False
         )
         interrupted = False
         while True:

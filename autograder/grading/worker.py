@@ -17,6 +17,7 @@ import shutil
 import signal
 import time
 import traceback
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -224,7 +225,9 @@ class Grader:
         result["tests"] = [asdict(t) for t in tests]
         result["score"] = float(sum(t.points for t in tests))
         result["max_score"] = float(sum(t.max_points for t in tests)) or chapter.max_score
-        self.feedback.write(result, graded_nb)
+        with warnings.catch_warnings():  # nbconvert warns about outputs it cannot show (glue's records)
+            warnings.simplefilter("ignore")
+            self.feedback.write(result, graded_nb)
 
     def use_salt(self, student: str, chapter) -> str:
         """Draw ``student``'s hidden inputs: the judge (this process) uses the salt; returns it.
