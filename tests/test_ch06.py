@@ -221,3 +221,20 @@ def test_cache_is_exact_and_keeps_dtype():
     assert len(cache) == 6 and k_all.dtype == torch.float16
     assert torch.equal(k_all, torch.cat([k, k2], dim=2)) and torch.equal(v_all, torch.cat([v, v2], dim=2))
     assert math.isclose(float(k_all[0, 0, -1, 0]), float(k2[0, 0, 0, 0]))
+
+
+def test_gqa_that_repeats_heads_then_calls_sdpa_passes():
+    """The watch on SDPA objects only to grouping left to SDPA: repeat_interleave first, then SDPA, is correct."""
+    from autograder.mutants.ch06 import _GROUPING, GQA_TEMPLATE
+
+    code = GQA_TEMPLATE.replace(
+        _GROUPING,
+        "        g = self.h // self.kv\n        k = k.repeat_interleave(g, dim=1)\n        v = v.repeat_interleave(g, dim=1)\n"
+        "        out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal).transpose(1, 2).reshape(B, L, E)\n",
+    )
+    assert code != GQA_TEMPLATE
+    chapter = find_chapter("06")
+    ex = next(e for e in chapter.exercises if e.name == "GroupedQueryAttention")
+    for hidden in (False, True):
+        outcome = run_check(ex, namespace(chapter, replace={"GroupedQueryAttention": code}), hidden=hidden)
+        assert outcome.passed, outcome.message

@@ -53,6 +53,9 @@ _isinstance = isinstance
 _hasattr = hasattr
 _getattr = getattr
 _vars = vars
+_TorchFunctionMode = torch.overrides.TorchFunctionMode
+_sdpa_fn = torch.nn.functional.scaled_dot_product_attention
+_shape_of = R.shape_of
 
 DIM_NAMES = {0: "batch", 1: "heads", 2: "time", 3: "head_dim"}
 
@@ -124,6 +127,8 @@ def _forbidden(cls_or_fn, names: set[str]) -> list[str]:
                 name = node.attr
             elif _isinstance(node, ast.keyword):
                 name = node.arg
+            elif _isinstance(node, ast.Constant) and _isinstance(node.value, _str):
+                name = node.value  # a keyword spelled as a string: **{"enable_gqa": True}
             if name in names:
                 found.append(f"{name} in {fn.__name__}")
     return found
@@ -781,6 +786,33 @@ def _build_gqa(cls, e: int, h: int, kv: int, bias: bool | None, p: dict | None, 
     return module
 
 
+GQA_SHORTCUT = (
+    "let F.scaled_dot_product_attention do the grouping (enable_gqa=True, or key/value heads fewer than the query "
+    "heads): repeat each key/value head num_heads // num_kv_heads times yourself (repeat_interleave on the head axis) "
+    "so that keys and values have num_heads heads."
+)
+
+
+class _SdpaWatch(_TorchFunctionMode):
+    """Records SDPA calls that group heads for the caller (enable_gqa, or fewer key heads than query heads)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shortcut = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _sdpa_fn:
+            gqa = kwargs.get("enable_gqa", args[7] if T._len(args) > 7 else False)
+            q, k = (args + (None, None))[:2]
+            heads_differ = False
+            if T.is_tensor(q) and T.is_tensor(k) and T._len(_shape_of(q)) >= 3 and T._len(_shape_of(k)) >= 3:
+                heads_differ = _shape_of(q)[-3] != _shape_of(k)[-3]
+            if gqa is True or heads_differ:
+                self.shortcut = True
+        return func(*args, **kwargs)
+
+
 def _run_gqa(cls, rng, e, h, kv, b, n, *, causal=False, bias=False, dtype=F32, scale=1.0, default_call=False, note=""):
     p = _gqa_params(rng, e, h, kv, bias)
     module = _build_gqa(cls, e, h, kv, bias, p, dtype)
@@ -790,7 +822,10 @@ def _run_gqa(cls, rng, e, h, kv, b, n, *, causal=False, bias=False, dtype=F32, s
     kind = {1: "MQA", h: "MHA"}.get(kv, f"GQA, {h // kv} query heads per KV head")
     call_desc = "(x)" if default_call else f"(x, is_causal={causal})"
     label = f"{_gqa_label(e, h, kv, bias)}{call_desc} with x of shape {(b, n, e)} [{kind}, {R.dname(dtype)}{note}]"
-    result = call(module, xt, label=label) if default_call else call(module, xt, is_causal=causal, label=label)
+    with _SdpaWatch() as watch:
+        result = call(module, xt, label=label) if default_call else call(module, xt, is_causal=causal, label=label)
+    if watch.shortcut:
+        raise CheckFailure(f"{label}: do the grouping yourself; the layer let {GQA_SHORTCUT}")
     out = _as_result(result, label=label, what="output", dtype=dtype)
     if not R.t_equal(xt, before):
         raise CheckFailure(f"{label}: the layer changed its input in place.")

@@ -256,3 +256,41 @@ MUTANTS = [
     _m("kv_cache_bytes", "assumes_float16", "assumed 2 bytes", ("dtype.itemsize", "2")),
     _m("kv_cache_bytes", "forgot_layers", "num_layers", (" * num_layers", "")),
 ]
+
+# The grouping left to SDPA: the name check found enable_gqa=True written out, but not these; the forward pass now
+# runs under a watch on F.scaled_dot_product_attention.
+_GROUPING = (
+    "        g = self.h // self.kv\n        k = k.repeat_interleave(g, dim=1)\n        v = v.repeat_interleave(g, dim=1)\n"
+    "        scores = q @ k.transpose(-2, -1) / math.sqrt(self.d)\n"
+    "        if is_causal:\n            mask = torch.ones(L, L, dtype=torch.bool).tril()\n"
+    '            scores = scores.masked_fill(~mask, float("-inf"))\n'
+    "        weights = torch.softmax(scores, dim=-1)\n        out = (weights @ v).transpose(1, 2).reshape(B, L, E)\n"
+)
+MUTANTS += [
+    _m(
+        "GroupedQueryAttention",
+        "enable_gqa_spelled_as_a_string",
+        "enable_gqa",
+        (
+            _GROUPING,
+            "        opts = {'enable_gqa': True}\n"
+            "        out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, **opts)\n"
+            "        out = out.transpose(1, 2).reshape(B, L, E)\n",
+        ),
+    ),
+    _m(
+        "GroupedQueryAttention",
+        "enable_gqa_through_a_helper",
+        "let F.scaled_dot_product_attention do the grouping",
+        (
+            _GROUPING,
+            "        out = _attend(q, k, v, is_causal).transpose(1, 2).reshape(B, L, E)\n",
+        ),
+        (
+            "class GroupedQueryAttention(nn.Module):",
+            "def _attend(q, k, v, causal, _options=dict(zip(['enable_gqa'], [True]))):\n"
+            "    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, **_options)\n\n\n"
+            "class GroupedQueryAttention(nn.Module):",
+        ),
+    ),
+]
