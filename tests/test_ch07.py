@@ -162,14 +162,14 @@ def test_benchmark_with_an_imported_perf_counter_passes():
 
 def test_simulated_device_restores_everything():
     before = {name: getattr(torch.cuda, name) for name in ("is_available", "synchronize", "Event", "current_stream")}
-    clocks = (time.perf_counter, time.perf_counter_ns, timeit.default_timer)
+    clocks = (time.perf_counter, time.perf_counter_ns, time.monotonic, time.monotonic_ns, timeit.default_timer)
     ns = namespace(CHAPTER)
     alias = time.perf_counter
     ns["my_clock"] = alias
     for hidden in (False, True):
         run_check(next(e for e in CHAPTER.exercises if e.name == "benchmark"), ns, hidden=hidden)
     assert {name: getattr(torch.cuda, name) for name in before} == before
-    assert (time.perf_counter, time.perf_counter_ns, timeit.default_timer) == clocks
+    assert (time.perf_counter, time.perf_counter_ns, time.monotonic, time.monotonic_ns, timeit.default_timer) == clocks
     assert ns["my_clock"] is alias
     assert torch.cuda.is_available() == (before["is_available"]())
 
@@ -458,3 +458,43 @@ def test_fused_matches_sdpa_backends_on_cuda():
             with sdpa_kernel(backend):
                 got = fused(x, is_causal=True).float()
             assert (got - want).abs().max().item() < 3e-2
+
+
+@pytest.mark.parametrize(
+    ("prefix", "clock", "scale"),
+    [
+        ("", "time.monotonic()", "1000"),
+        ("", "time.monotonic_ns()", "1e-6"),
+        ("", "time.perf_counter_ns()", "1e-6"),
+        ("from time import monotonic\n", "monotonic()", "1000"),
+        ("from time import monotonic_ns as now\n", "now()", "1e-6"),
+    ],
+    ids=["monotonic", "monotonic_ns", "perf_counter_ns", "imported_monotonic", "aliased_monotonic_ns"],
+)
+def test_any_monotonic_clock_passes(prefix, clock, scale):
+    """The contract: perf_counter, perf_counter_ns, monotonic and monotonic_ns are all correct clocks."""
+    code = mutants.BENCH_SYNC_TEMPLATE.replace("time.perf_counter()", clock).replace("* 1000)", f"* {scale})")
+    assert code != mutants.BENCH_SYNC_TEMPLATE
+    ex = next(e for e in CHAPTER.exercises if e.name == "benchmark")
+    ns = namespace(CHAPTER, replace={"benchmark": prefix + code})
+    for hidden in (False, True):
+        outcome = run_check(ex, ns, hidden=hidden)
+        assert outcome.passed, outcome.message
+
+
+def test_closure_case_passes_the_contracts_rule_and_names_the_cpu_path(monkeypatch):
+    """With the closure case on, a harness that synchronises whenever CUDA is available passes; one that looks for a
+    CUDA argument times a closure (no arguments) on the CPU path and is told so."""
+    monkeypatch.setattr(checks, "CLOSURES_ON_CUDA", True)
+    ex = next(e for e in CHAPTER.exercises if e.name == "benchmark")
+    events_any = mutants.BENCH_EVENTS_TEMPLATE.replace(
+        "torch.cuda.is_available() and any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)",
+        "torch.cuda.is_available()",
+    )
+    for template in (mutants.BENCH_ANY_CUDA_TEMPLATE, events_any):
+        for hidden in (False, True):
+            outcome = run_check(ex, namespace(CHAPTER, replace={"benchmark": template}), hidden=hidden)
+            assert outcome.passed, outcome.message
+    for template in (mutants.BENCH_SYNC_TEMPLATE, mutants.BENCH_EVENTS_TEMPLATE):
+        outcome = run_check(ex, namespace(CHAPTER, replace={"benchmark": template}), hidden=True)
+        assert not outcome.passed and "took the CPU path because no argument is a CUDA tensor" in outcome.message

@@ -295,3 +295,13 @@ MUTANTS = [
         ("dtype.itemsize", "torch.finfo(dtype).bits / 8"),
     ),
 ]
+
+# The contract's rule: synchronise whenever torch.cuda.is_available() (fn may be a closure over CUDA tensors, with
+# no arguments). The checks' closure case (checks.ch07.CLOSURES_ON_CUDA) passes this template and fails the two above.
+BENCH_ANY_CUDA_TEMPLATE = edit(
+    BENCH_SYNC_TEMPLATE,
+    (
+        "cuda = torch.cuda.is_available() and any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)",
+        "cuda = torch.cuda.is_available()",
+    ),
+)
