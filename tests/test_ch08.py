@@ -379,3 +379,16 @@ def test_triton_jit_nested_in_a_notebook_cell():
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in NOTEBOOK_CELLS])
     nbclient.NotebookClient(nb, timeout=120, kernel_name="python3").execute()
     assert nb.cells[-1].outputs[0]["text"].strip() == "ok"
+
+
+@pytest.mark.parametrize("hidden", [False, True], ids=["visible", "hidden"])
+def test_kernel_with_gpu_sized_tiles_passes(hidden):
+    """The template with 128 x 64 tiles (what a kernel sized for a GPU uses) passes: the big-tile mutants fail for
+    their own mistake only, which the hidden case with L = 264 (three query tiles of 128) exposes."""
+    from conftest import namespace
+
+    from autograder.mutants.ch08 import TEMPLATES_BIG_TILES
+
+    ns = namespace(find_chapter("08"), replace=TEMPLATES_BIG_TILES)
+    check = checks.hidden_flash_attention if hidden else checks.visible_flash_attention
+    check(ns["flash_attention"])

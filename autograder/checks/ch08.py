@@ -188,6 +188,10 @@ STORE_MASK = (
     "wrote outside the output tensor: mask the store, tl.store(ptrs, out, mask=(rows < L)[:, None] & (cols < D)[None, :]), "
     "so that the last tile of queries (and the padded head dimension) writes nothing past row L - 1 or column D - 1."
 )
+SAME_TILE = (
+    "every program loaded the same tile of queries: the rows of program (tile, bh) are tile * BLOCK_M + "
+    "tl.arange(0, BLOCK_M); use them for loading q (and for the mask and the store), not tl.arange(0, BLOCK_M) alone"
+)
 UNWRITTEN = (
     "never wrote some entries of the output: they still hold the NaN this check fills new tensors with. Does the grid "
     "cover every (batch, head) pair (B * H programs) and every tile of queries (cdiv(L, BLOCK_M)), and does each "
@@ -629,6 +633,11 @@ def _flash_prints(q, k, v, causal: bool, kv_transposed: bool = False) -> dict:
         prints[f"{SCALE_PADDED} (here {padded} instead of {d})"] = lambda padded=padded: _online(
             q, k, v, causal, 16, scale=1.0 / T.sqrt(padded)
         )[0]
+    L = q.shape[-2]
+    for block_m in (16, 32, 64, 128):
+        if L > block_m:  # every query tile computed with the queries of tile 0 (its own rows in the mask and the store)
+            rows = T.np_arange(L) % block_m
+            prints[f"{SAME_TILE} (query tiles of {block_m})"] = lambda rows=rows: _online(q[..., rows, :], k, v, causal, 16)[0]
     if kv_transposed:  # the kernel read the (B, S, H, D) buffers of k and v as if they were (B, H, S, D)
         B, H, S = k.shape[0], k.shape[1], k.shape[2]
         flat_k = _np_ascontiguous(T.np_swapaxes(k, 1, 2)).reshape(B, H, S, k.shape[-1])
@@ -688,7 +697,7 @@ def _check_flash(
     overrun = recorder.overrun()
     if overrun:
         raise CheckFailure(
-            f"{label}: the kernel {STORE_MASK} It wrote {overrun} elements outside the tensors allocated during the "
+            f"{label}: the kernel {STORE_MASK} It wrote {overrun} element{'' if overrun == 1 else 's'} outside the tensors allocated during the "
             f"call (here L = {L}, D = {d})."
         )
     expected = _sdpa64(q, k, v, causal)
@@ -760,6 +769,10 @@ def hidden_flash_attention(fn, seed: int = 83) -> None:
          note=", D = 24: not a power of two (the tile is padded to 32 columns)")  # fmt: skip
     case(_inputs(rng, (2, 1), 18, 18, 40, F32, scale=2.0), causal=True, dtype=F32,
          note=", D = 40: not a power of two (the tile is padded to 64 columns)")  # fmt: skip
+    # Several query tiles whatever the kernel's tiles (up to 128 rows): every program must compute its own tile, and
+    # a causal loop over key tiles must end at the bottom-right bound. S is no multiple of 16, 32, 64 or 128.
+    case(_inputs(rng, (1, 1), 264, 301, 16, F32), causal=True, dtype=F32,
+         note=", L = 264 < S = 301, causal: three tiles of 128 queries (or more, smaller), S no multiple of a tile")  # fmt: skip
     passed("flash_attention", count, hidden=True)
 
 

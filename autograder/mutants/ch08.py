@@ -107,6 +107,13 @@ def _edits(template: str, *pairs: tuple[str, str]) -> str:
 
 
 T, FL = TILED_TEMPLATE, FLASH_TEMPLATE
+_TOP_LEFT_LOOP = (  # the causal loop over key tiles bounded top-left: min(S, (tile + 1) * BM), without S - L
+    "            for n0 in range(0, S, BN):\n",
+    "            hi_n = S\n"
+    "            if IS_CAUSAL:  # the last key tile this query tile can see\n"
+    "                hi_n = tl.minimum(S, (pid_m + 1) * BM)\n"
+    "            for n0 in range(0, hi_n, BN):\n",
+)
 
 MUTANTS = [
     # ----------------------------------------------------------------- tiled_attention
@@ -324,14 +331,7 @@ def tiled_attention(q, k, v, block_size=64, causal=False):
         "flash_attention",
         "causal_loop_bound_top_left",
         "skipped key tiles that hold visible keys",
-        _edit(
-            FL,
-            "            for n0 in range(0, S, BN):\n",
-            "            hi_n = S\n"
-            "            if IS_CAUSAL:  # the last key tile this query tile can see\n"
-            "                hi_n = tl.minimum(S, (pid_m + 1) * BM)\n"
-            "            for n0 in range(0, hi_n, BN):\n",
-        ),
+        _edit(FL, *_TOP_LEFT_LOOP),
     ),
     Mutant(
         "flash_attention",
@@ -362,5 +362,47 @@ def flash_attention(q, k, v, causal=False):
     mask = torch.ones(L, S, dtype=torch.bool, device=q.device).tril(S - L) if causal else None
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 """,
+    ),
+]
+
+# Kernels with GPU-sized tiles (128 query rows): on inputs of at most 48 queries they have one query tile, so the
+# mistakes below passed every check until the hidden checks added L > 256.
+_BIG = _edits(
+    FL,
+    ("grid = (triton.cdiv(L, 16), B * H)", "grid = (triton.cdiv(L, 128), B * H)"),
+    ("IS_CAUSAL=causal, BM=16, BN=16, DP=DP)", "IS_CAUSAL=causal, BM=128, BN=64, DP=DP)"),
+)
+TEMPLATES_BIG_TILES = {"flash_attention": _BIG}
+MUTANTS += [
+    Mutant(
+        "flash_attention",
+        "same_query_tile_in_every_program",
+        "every program loaded the same tile of queries",
+        _edit(
+            _BIG,
+            "            q = tl.load(Q + bi * sb + hi * sh + rows[:, None] * sl + dims[None, :],\n"
+            "                        mask=(rows[:, None] < L)",
+            "            first = tl.arange(0, BM)  # the query rows to load\n"
+            "            q = tl.load(Q + bi * sb + hi * sh + first[:, None] * sl + dims[None, :],\n"
+            "                        mask=(first[:, None] < L)",
+        ),
+    ),
+    Mutant(
+        "flash_attention",
+        "rows_ignore_program_id",
+        "never wrote some entries of the output",
+        _edit(_BIG, "rows = pid_m * BM + tl.arange(0, BM)", "rows = tl.arange(0, BM)"),
+    ),
+    Mutant(
+        "flash_attention",
+        "causal_loop_bound_top_left_big_tiles",
+        "skipped key tiles that hold visible keys",
+        _edit(_BIG, *_TOP_LEFT_LOOP),
+    ),
+    Mutant(
+        "flash_attention",
+        "grid_counts_larger_tiles_than_the_kernel",
+        "never wrote some entries of the output",
+        _edit(_BIG, "BM=128, BN=64, DP=DP)", "BM=64, BN=64, DP=DP)"),
     ),
 ]
