@@ -19,7 +19,13 @@ SOLUTIONS_DIR = ROOT / "solutions"
 
 
 def _discover() -> tuple[str, ...]:
-    """Chapters are the notebooks in ``chapters/`` that have a solutions module."""
+    """Chapters are the notebooks in ``chapters/`` that have a solutions module.
+
+    An installed package (a student's ``pip install git+<repository>``) has no ``chapters/``
+    beside it; there the installed solutions modules name the chapters, so ``self_check`` works.
+    """
+    if not CHAPTERS_DIR.is_dir():
+        return tuple(sorted(p.stem[2:] for p in SOLUTIONS_DIR.glob("ch[0-9][0-9]_*.py")))
     return tuple(
         nb.stem for nb in sorted(CHAPTERS_DIR.glob("[0-9][0-9]_*.ipynb")) if (SOLUTIONS_DIR / f"ch{nb.stem}.py").exists()
     )
