@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +29,8 @@ CACHE = BUILD / "execution-cache"
 # student/: the Colab, Binder and download buttons point at these copies (_ext/student_links.py).
 BOOK_FILES = ("_config.yml", "_toc.yml", "*.md", "chapters/*.md", "_ext", "_static", "figures", "appendices", "student/*.ipynb")
 EXEC_TIMEOUT_S = 600
+_PRINT_LOCK = threading.Lock()
+_STARTED = time.perf_counter()
 
 
 class BookError(Exception):
@@ -64,14 +67,64 @@ def _raises_on_purpose(cell) -> bool:
     return "raises-exception" in cell.get("metadata", {}).get("tags", [])
 
 
-def execute(nb: nbformat.NotebookNode, name: str, cwd: Path) -> nbformat.NotebookNode:
-    """Run every cell; fail on an unexpected error or on anything written to stderr."""
+def _kernel_manager_class():
+    """Kernels reached over IPC sockets in a private directory (not TCP on localhost).
+
+    ipykernel 7 warns on stderr about every kernel "running over TCP without encryption"; over
+    IPC nothing listens on a port and nothing is printed.
+    """
+    import tempfile
+
+    from jupyter_client.manager import AsyncKernelManager
+
+    class BookKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.transport = "ipc"
+            self.ipc_dir = Path(tempfile.mkdtemp(prefix="book-kernel-"))
+            self.connection_file = str(self.ipc_dir / "kernel.json")
+            self.ip = str(self.ipc_dir / "ipc")
+
+        async def _async_cleanup_resources(self, restart: bool = False) -> None:
+            await super()._async_cleanup_resources(restart=restart)
+            if not restart:
+                shutil.rmtree(self.ipc_dir, ignore_errors=True)
+
+    return BookKernelManager
+
+
+def _client(nb: nbformat.NotebookNode, cwd: Path, timeout: int = EXEC_TIMEOUT_S):
+    """An nbclient that runs widget cells without pretending to be a widget front end.
+
+    nbclient normally mimics JupyterLab for ``Output`` widgets (the output area of
+    ``ipywidgets.interact``): for each output the kernel sends into the widget, it sends a
+    ``comm_msg`` back to the kernel on the shell socket, the socket it is polling for the
+    cell's ``execute_reply`` at that moment. Now and then (2 or 3 in 60 ``interact`` cells on
+    this machine) the reply then sits in the socket unnoticed until the poll's timeout fires,
+    the whole per-cell timeout (600 s), after which the cell ends normally: the idle wait of a
+    cold build. The book shows no live widgets (``nb_ipywidgets_js: {}``, widget cells are
+    ``remove-output``), so the widget comms get no handler: nothing is sent to the kernel, and
+    what the widget's function prints or plots lands in the cell's own outputs, where the
+    stderr check below sees it.
+    """
     import nbclient
 
     client = nbclient.NotebookClient(
-        nb, timeout=EXEC_TIMEOUT_S, kernel_name="python3", allow_errors=True, resources={"metadata": {"path": str(cwd)}}
+        nb,
+        timeout=timeout,
+        kernel_name="python3",
+        allow_errors=True,
+        resources={"metadata": {"path": str(cwd)}},
+        kernel_manager_class=_kernel_manager_class(),
+        store_widget_state=False,
     )
-    client.execute()
+    client.comm_open_handlers = {"jupyter.widget": lambda msg: None}
+    return client
+
+
+def execute(nb: nbformat.NotebookNode, name: str, cwd: Path) -> nbformat.NotebookNode:
+    """Run every cell; fail on an unexpected error or on anything written to stderr."""
+    _client(nb, cwd).execute()
     problems = []
     for index, cell in enumerate(nb.cells):
         for out in cell.get("outputs", []):
@@ -84,6 +137,12 @@ def execute(nb: nbformat.NotebookNode, name: str, cwd: Path) -> nbformat.Noteboo
     return nb
 
 
+def _progress(message: str) -> None:
+    """One line of staging progress, at once (notebooks run two at a time, in threads)."""
+    with _PRINT_LOCK:
+        print(f"  [{time.perf_counter() - _STARTED:4.0f} s] {message}", flush=True)
+
+
 def _stage_notebook(source: Path, cwd: Path) -> tuple[str, bool]:
     """Execute (or take from the cache) one notebook and write its staged copy."""
     chapter = next((c for c in CHAPTERS if c.notebook == source), None)
@@ -93,8 +152,16 @@ def _stage_notebook(source: Path, cwd: Path) -> tuple[str, bool]:
     hit = cached.exists()
     if hit:
         nb = nbformat.read(str(cached), as_version=4)
+        _progress(f"{source.name}: cached")
     else:
-        nb = execute(nb, source.name, cwd)
+        _progress(f"{source.name}: executing...")
+        begun = time.perf_counter()
+        try:
+            nb = execute(nb, source.name, cwd)
+        except BaseException:
+            _progress(f"{source.name}: FAILED after {time.perf_counter() - begun:.1f} s")
+            raise
+        _progress(f"{source.name}: executed in {time.perf_counter() - begun:.1f} s")
         CACHE.mkdir(parents=True, exist_ok=True)
         for old in CACHE.glob(f"{source.stem}-*.ipynb"):
             old.unlink()
@@ -158,6 +225,9 @@ def stage(jobs: int = 2) -> list[tuple[str, bool]]:
     notebooks = sorted(CHAPTERS_DIR.glob("*.ipynb"))
     for stale in set(cwd.glob("*.ipynb")) - {cwd / nb.name for nb in notebooks}:
         stale.unlink()
+    global _STARTED
+    _STARTED = time.perf_counter()
+    print(f"Staging {len(notebooks)} notebooks ({max(1, jobs)} at a time; cache: {CACHE.relative_to(ROOT)})", flush=True)
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         return list(pool.map(lambda nb: _stage_notebook(nb, cwd), notebooks))
 
@@ -170,9 +240,12 @@ def build_book(jobs: int = 2) -> int:
     except BookError as exc:
         print(f"book: a notebook failed while executing:\n{exc}", file=sys.stderr)
         return 1
-    for name, hit in staged:
-        print(f"  {name}: {'cached' if hit else 'executed'}")
-    print(f"Staged {len(staged)} notebooks in {time.perf_counter() - start:.0f} s; building HTML...")
+    executed = sum(not hit for _, hit in staged)
+    print(
+        f"Staged {len(staged)} notebooks ({executed} executed, {len(staged) - executed} cached) "
+        f"in {time.perf_counter() - start:.0f} s; building HTML...",
+        flush=True,
+    )
     jb = Path(sys.executable).parent / "jupyter-book"
     cmd = [str(jb), "build", str(STAGE), "--path-output", str(ROOT), "-W", "-n", "--keep-going"]
     status = subprocess.call(cmd, cwd=ROOT)
