@@ -51,24 +51,73 @@ def shard_heads(state_dict: dict, rank: int, world_size: int, num_heads: int) ->
 
 
 class TensorParallelMultiHeadAttention(nn.Module):
-    """One rank's part of a multi-head attention layer whose heads are split across ``world_size`` ranks.
+    """One rank's part of a multi-head attention layer whose heads are split across the ranks of ``group``.
 
-    Parameters (load them with ``load_state_dict(shard_heads(full_state_dict, rank, world_size, H))``):
-    ``in_proj_weight`` (3E/p, E) = the rank's rows of [W_q; W_k; W_v], ``in_proj_bias`` (3E/p),
-    and ``out_proj``, an ``nn.Linear(E/p, E)`` holding the rank's columns of the output
-    projection and the whole output bias; no biases when ``bias=False``. The constructor does
-    not communicate. ``forward`` must be called on every rank of ``group`` (None = the default
-    process group) with the same inputs; every rank returns the same (B, L, E) output, equal to
-    the single-device layer's. Raises ValueError when E % H or H % world_size is not 0.
+    ``group`` is a process group (None = the default group, every rank of the world); this rank's
+    place in it, r = ``dist.get_rank(group)``, and its size, p = ``dist.get_world_size(group)``,
+    decide which heads it holds. Parameters (load them with
+    ``load_state_dict(shard_heads(full_state_dict, r, p, H))``): ``in_proj_weight`` (3E/p, E) = the
+    rank's rows of [W_q; W_k; W_v], ``in_proj_bias`` (3E/p), and ``out_proj``, an
+    ``nn.Linear(E/p, E)`` holding the rank's columns of the output projection and the whole output
+    bias; no biases when ``bias=False``. The constructor does not communicate. Raises ValueError
+    when E % H or H % p is not 0.
+
+    ``forward`` must be called on every rank of ``group`` with the same inputs; every rank returns
+    the same (B, L, E) output, equal to the single-device layer's, and after ``backward`` of the
+    same loss on every rank, every rank holds the single-device gradients: of the inputs in full,
+    and of its own slices of the weights and biases (of the whole output bias).
+
+    The two autograd functions below are Megatron-LM's conjugate pair. ``CopyToRanks`` (f) stands
+    at the layer's input: the identity forward, an all-reduce (sum) of the gradient backward.
+    ``SumOverRanks`` (g) stands at its output: an all-reduce of the partial outputs forward, the
+    identity backward.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, rank: int, world_size: int, group=None, bias: bool = True):
+    class CopyToRanks(torch.autograd.Function):
+        """f: identity forward; backward, the sum over the ranks of the input's gradient."""
+
+        @staticmethod
+        def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+            ### BEGIN SOLUTION
+            ctx.group = group
+            return x.view_as(x)
+            ### END SOLUTION
+
+        @staticmethod
+        def backward(ctx, grad: torch.Tensor):
+            ### BEGIN SOLUTION
+            grad = grad.contiguous().clone()  # all-reduce a copy: autograd may reuse the incoming gradient
+            dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+            return grad, None
+            ### END SOLUTION
+
+    class SumOverRanks(torch.autograd.Function):
+        """g: forward, the sum over the ranks of the partial outputs; identity backward."""
+
+        @staticmethod
+        def forward(ctx, partial: torch.Tensor, group) -> torch.Tensor:
+            ### BEGIN SOLUTION
+            total = partial.contiguous().clone()  # leave the input alone: all_reduce writes in place
+            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+            return total
+            ### END SOLUTION
+
+        @staticmethod
+        def backward(ctx, grad: torch.Tensor):
+            ### BEGIN SOLUTION
+            return grad, None
+            ### END SOLUTION
+
+    def __init__(self, embed_dim: int, num_heads: int, group=None, bias: bool = True):
         super().__init__()
         ### BEGIN SOLUTION
         if embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        rank, world_size = dist.get_rank(group), dist.get_world_size(group)  # local queries: no communication
+        if rank < 0:
+            raise ValueError("this process is not a member of the group")
         if num_heads % world_size != 0:
-            raise ValueError(f"num_heads {num_heads} is not divisible by world_size {world_size}")
+            raise ValueError(f"num_heads {num_heads} is not divisible by the group's {world_size} ranks")
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.rank = rank
@@ -100,13 +149,21 @@ class TensorParallelMultiHeadAttention(nn.Module):
         Masks as in chapter 4 and ``nn.MultiheadAttention``: a bool mask marks with True what may
         NOT be attended to, a float mask is added to the scores; ``key_padding_mask`` is (B, S),
         ``attn_mask`` is (L, S). ``is_causal=True`` with no ``attn_mask`` lets query i see keys
-        j <= i. A query whose keys are all masked gets zero weights. Each rank attends with its own
-        heads, projects them with its columns of the output projection, and one all-reduce (a sum
-        over the ranks) gives the full output, to which the output bias is added once.
+        j <= i. A query whose keys are all masked gets zero weights. Each input passes through f
+        (``CopyToRanks``) once; each rank attends with its own heads and projects them with its
+        columns of the output projection; g (``SumOverRanks``) sums the partial outputs over the
+        ranks, and the output bias is added once, after the sum.
         """
         ### BEGIN SOLUTION
         key = query if key is None else key
         value = key if value is None else value
+        # f once per distinct input tensor (self-attention passes one tensor three times): its gradient
+        # is then the sum of the three paths on this rank, all-reduced once over the ranks.
+        copied: dict[int, torch.Tensor] = {}
+        for t in (query, key, value):
+            if id(t) not in copied:
+                copied[id(t)] = self.CopyToRanks.apply(t, self.group)
+        query, key, value = copied[id(query)], copied[id(key)], copied[id(value)]
         batch, tgt_len, _ = query.shape
         src_len = key.shape[1]
         heads, head_dim = self.local_heads, self.head_dim
@@ -136,8 +193,8 @@ class TensorParallelMultiHeadAttention(nn.Module):
         weights = torch.softmax(scores.masked_fill(all_masked, 0.0), dim=-1).masked_fill(all_masked, 0.0)
         heads_out = (weights @ v).transpose(1, 2).reshape(batch, tgt_len, heads * head_dim)
         partial = F.linear(heads_out, self.out_proj.weight)  # this rank's share of the output, no bias
-        dist.all_reduce(partial, op=dist.ReduceOp.SUM, group=self.group)
+        out = self.SumOverRanks.apply(partial, self.group)
         if self.out_proj.bias is not None:
-            partial = partial + self.out_proj.bias  # once, after the sum
-        return partial
+            out = out + self.out_proj.bias  # once, after the sum
+        return out
         ### END SOLUTION

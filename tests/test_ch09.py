@@ -1,6 +1,8 @@
-"""Chapter 9 beyond the generic tests: the solution on 1, 2 and 4 real gloo ranks against
-``nn.MultiheadAttention``, ``shard_heads`` properties, the checks' oracles against PyTorch, the
-checks' fallback and failure modes, the mutant templates, and the numbers the chapter quotes."""
+"""Chapter 9 beyond the generic tests: the solution on 1 to 4 real gloo ranks against
+``nn.MultiheadAttention``, forward and backward (input, weight and bias gradients; default and
+non-default groups), ``shard_heads`` properties, the checks' oracles against PyTorch and its
+autograd, the checks' fallback and failure modes, the mutant templates, and the numbers the
+chapter quotes."""
 
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ def _worker(rank, world_size, folder, backend, state, num_heads, inputs, kwargs,
         torch.cuda.set_device(device)
     try:
         embed_dim = inputs[0].shape[-1]
-        layer = TensorParallelMultiHeadAttention(embed_dim, num_heads, rank, world_size, bias=bias).to(dtype)
+        layer = TensorParallelMultiHeadAttention(embed_dim, num_heads, bias=bias).to(dtype)
         layer.load_state_dict(shard_heads(state, rank, world_size, num_heads))
         layer = layer.to(device).eval()
         moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
@@ -172,12 +174,144 @@ def test_shard_heads_keeps_dtype_copies_and_rejects_uneven_splits():
         shard_heads(state, 0, 3, 4)
     with pytest.raises(ValueError):  # no rank 2 among 2 ranks
         shard_heads(state, 2, 2, 4)
-    with pytest.raises(ValueError):
-        TensorParallelMultiHeadAttention(12, 6, 0, 4)
+
+
+def _construct_or_error(rank, world_size, embed_dim, num_heads):
+    try:
+        TensorParallelMultiHeadAttention(embed_dim, num_heads)
+    except ValueError as exc:
+        return f"ValueError: {exc}"
+    return "built"
+
+
+def test_layer_rejects_heads_that_do_not_split_over_the_group():
+    assert (
+        checks.run_on_ranks(4, _construct_or_error, 12, 6)
+        == ["ValueError: num_heads 6 is not divisible by the group's 4 ranks"] * 4
+    )
+    assert checks.run_on_ranks(3, _construct_or_error, 12, 6) == ["built"] * 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients: every rank holds the single-device layer's input gradients and its slices of the others
+
+
+def _grad_worker(rank, world_size, state, num_heads, inputs, kwargs, grad_out, bias, groups):
+    group = None
+    if groups:  # every rank creates every group, in the same order, then uses its own
+        made = [dist.new_group(ranks) for ranks in groups]
+        group = next(g for ranks, g in zip(groups, made, strict=True) if rank in ranks)
+    embed_dim = inputs[0].shape[-1]
+    layer = TensorParallelMultiHeadAttention(embed_dim, num_heads, group=group, bias=bias).double()
+    layer.load_state_dict(shard_heads(state, dist.get_rank(group), dist.get_world_size(group), num_heads))
+    xs = [x.clone().requires_grad_() for x in inputs]
+    out = layer(*xs, **kwargs)
+    out.backward(grad_out)
+    grads = {name: p.grad for name, p in layer.named_parameters()}
+    return out.detach(), [x.grad for x in xs], grads, dist.get_rank(group), dist.get_world_size(group)
+
+
+GRAD_CASES = [
+    # (world_size, groups, embed_dim, num_heads, bias, mode)
+    (2, None, 16, 4, True, "self"),
+    (2, None, 12, 6, False, "cross"),
+    (3, None, 12, 6, True, "self"),
+    (3, None, 18, 3, True, "cross"),
+    (3, [[0], [1, 2]], 16, 4, True, "self"),
+    (3, [[0, 2], [1]], 8, 2, True, "cross"),
+]
+
+
+@pytest.mark.parametrize(("world_size", "groups", "embed_dim", "num_heads", "bias", "mode"), GRAD_CASES)
+def test_gradients_equal_nn_multihead_attention_on_gloo_ranks(world_size, groups, embed_dim, num_heads, bias, mode):
+    mha = _reference(embed_dim, num_heads, bias, torch.float64)
+    torch.manual_seed(2)
+    x = torch.randn(2, 5, embed_dim, dtype=torch.float64)
+    inputs = (
+        [x]
+        if mode == "self"
+        else [x, torch.randn(2, 6, embed_dim, dtype=torch.float64), torch.randn(2, 6, embed_dim, dtype=torch.float64)]
+    )
+    pad = torch.arange(inputs[-1].shape[1])[None, :] >= torch.tensor([6, 3])[:, None]
+    grad_out = torch.randn(2, 5, embed_dim, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    ref_args = leaves * 3 if mode == "self" else leaves
+    want = mha(*ref_args, key_padding_mask=pad, need_weights=False)[0]
+    want.backward(grad_out)
+    want_params = {name: p.grad for name, p in mha.named_parameters()}
+    results = checks.run_on_ranks(
+        world_size, _grad_worker, mha.state_dict(), num_heads, inputs, {"key_padding_mask": pad}, grad_out, bias, groups
+    )
+    for out, d_inputs, d_params, group_rank, group_size in results:
+        torch.testing.assert_close(out, want.detach(), atol=1e-12, rtol=0)
+        for got, leaf in zip(d_inputs, leaves, strict=True):  # in full on every rank
+            torch.testing.assert_close(got, leaf.grad, atol=1e-12, rtol=0)
+        expected = shard_heads(want_params, group_rank, group_size, num_heads)  # gradients slice as the weights do
+        assert set(d_params) == set(expected)
+        for name, grad in expected.items():
+            torch.testing.assert_close(d_params[name], grad, atol=1e-12, rtol=0)
+
+
+def _naive_tp_input_gradient(rank, world_size, state, num_heads, x, grad_out):
+    # The first edition's layer: dist.all_reduce in place on the partial output, no f at the input.
+    layer = TensorParallelMultiHeadAttention(x.shape[-1], num_heads).to(x.dtype)
+    layer.load_state_dict(shard_heads(state, rank, world_size, num_heads))
+    layer.CopyToRanks = type("Identity", (), {"apply": staticmethod(lambda t, group: t)})
+
+    def plain_all_reduce(partial, group):
+        dist.all_reduce(partial, group=group)
+        return partial
+
+    layer.SumOverRanks = type("InPlace", (), {"apply": staticmethod(plain_all_reduce)})
+    xi = x.clone().requires_grad_()
+    layer(xi).backward(grad_out)
+    return xi.grad
+
+
+def test_plain_all_reduce_leaves_each_rank_a_partial_input_gradient():
+    """What the issue measured: without f, each rank's input gradient is its heads' share; only the sum is right."""
+    mha = _reference(16, 4, True, torch.float64)
+    x = torch.randn(2, 6, 16, dtype=torch.float64)
+    grad_out = torch.randn(2, 6, 16, dtype=torch.float64)
+    xr = x.clone().requires_grad_()
+    mha(xr, xr, xr, need_weights=False)[0].backward(grad_out)
+    partial = checks.run_on_ranks(2, _naive_tp_input_gradient, mha.state_dict(), 4, x, grad_out)
+    assert all((g - xr.grad).abs().max() > 0.05 for g in partial)
+    torch.testing.assert_close(sum(partial), xr.grad, atol=1e-12, rtol=0)
+
+
+def _dist_nn_all_reduce_gradient(rank, world_size):
+    import torch.distributed.nn.functional as dnf
+
+    w = torch.tensor([rank + 1.0], dtype=torch.float64, requires_grad=True)
+    dnf.all_reduce(w * 2.0).sum().backward()
+    return w.grad.item()
+
+
+def test_torch_distributed_nn_all_reduce_sums_the_replicated_gradient():
+    """The chapter's claim: its backward all-reduces the gradient, so a loss replicated on p ranks gives p x."""
+    assert checks.run_on_ranks(3, _dist_nn_all_reduce_gradient) == [6.0, 6.0, 6.0]  # 2 (the true gradient) x 3
 
 
 # ---------------------------------------------------------------------------------------------
 # The checks' oracles against PyTorch
+
+
+def _add_masks(rng, masks: str, case: dict, kw: dict, lq: int, ls: int) -> None:
+    """The masks of a test case: NumPy ones in ``case`` (the checks' convention), torch ones in ``kw``."""
+    if masks == "padding":
+        case["key_padding_mask"] = np.array([[False] * ls, [False] * 2 + [True] * (ls - 2)])
+        kw["key_padding_mask"] = torch.from_numpy(case["key_padding_mask"])
+    if masks == "bool_attn":
+        m = rng.random((lq, ls)) < 0.4
+        m[:, 0] = False
+        case["attn_mask"], kw["attn_mask"] = m, torch.from_numpy(m)
+    if masks == "float_attn":
+        m = rng.normal(size=(lq, ls))
+        case["attn_mask"], kw["attn_mask"] = m, torch.from_numpy(m)
+    if masks == "causal":
+        case["is_causal"] = True
+        kw["attn_mask"] = torch.ones(lq, ls, dtype=torch.bool).triu(1)
 
 
 @pytest.mark.parametrize("masks", ["none", "padding", "bool_attn", "float_attn", "causal", "cross"])
@@ -193,25 +327,47 @@ def test_check_oracle_equals_nn_multihead_attention(masks, bias):
     k = rng.normal(size=(b, ls, e)) if masks == "cross" else q
     v = rng.normal(size=(b, ls, e)) if masks == "cross" else q
     case, kw = {"query": q, "key": k, "value": v}, {}
-    if masks == "padding":
-        case["key_padding_mask"] = np.array([[False] * ls, [False] * 2 + [True] * (ls - 2)])
-        kw["key_padding_mask"] = torch.from_numpy(case["key_padding_mask"])
-    if masks == "bool_attn":
-        m = rng.random((lq, ls)) < 0.4
-        m[:, 0] = False
-        case["attn_mask"], kw["attn_mask"] = m, torch.from_numpy(m)
-    if masks == "float_attn":
-        m = rng.normal(size=(lq, ls))
-        case["attn_mask"], kw["attn_mask"] = m, torch.from_numpy(m)
-    if masks == "causal":
-        case["is_causal"] = True
-        kw["attn_mask"] = torch.ones(lq, ls, dtype=torch.bool).triu(1)
+    _add_masks(rng, masks, case, kw, lq, ls)
     with torch.no_grad():
         want = mha(*(torch.from_numpy(a) for a in (q, k, v)), need_weights=False, **kw)[0].numpy()
     np.testing.assert_allclose(checks._oracle(params, case, h), want, atol=1e-12, rtol=0)
     for p in (1, 2, 4):  # eq-tp-sum: the ranks' partial outputs plus the bias give the same layer
         total = sum(checks._partial(params, case, r, p, h) for r in range(p)) + checks._bias(params)
         np.testing.assert_allclose(total, want, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("masks", ["none", "padding", "bool_attn", "float_attn", "causal", "cross", "query_key"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_check_backward_oracle_equals_autograd(masks, bias):
+    """The checks' hand-written backward (all heads, and any rank's share) against autograd of nn.MultiheadAttention."""
+    rng = np.random.default_rng(7)
+    e, h, b, lq = 12, 4, 2, 5
+    ls = 6 if masks in ("cross", "query_key") else lq
+    params = checks._params(rng, e, bias, torch.float64)
+    mha = nn.MultiheadAttention(e, h, bias=bias, batch_first=True).double()
+    mha.load_state_dict({k: torch.from_numpy(v) for k, v in params.items()})
+    q = rng.normal(size=(b, lq, e))
+    k = rng.normal(size=(b, ls, e)) if masks in ("cross", "query_key") else q
+    v = rng.normal(size=(b, ls, e)) if masks == "cross" else k
+    mode = {"cross": "cross", "query_key": "query_key"}.get(masks, "self")
+    case, kw = {"query": q, "key": k, "value": v, "mode": mode}, {}
+    _add_masks(rng, masks, case, kw, lq, ls)
+    leaves = {"self": [q], "query_key": [q, k], "cross": [q, k, v]}[mode]
+    leaves = [torch.from_numpy(a).requires_grad_() for a in leaves]
+    args = leaves * 3 if mode == "self" else ([*leaves, leaves[1]] if mode == "query_key" else leaves)
+    grad_out = rng.normal(size=(b, lq, e))
+    out = mha(*args, need_weights=False, **kw)[0]
+    out.backward(torch.from_numpy(grad_out))
+    grads, d_args = checks._full_backward(params, case, h, grad_out)
+    for leaf, got in zip(leaves, d_args, strict=True):
+        np.testing.assert_allclose(got, leaf.grad.numpy(), atol=1e-12, rtol=0)
+    for name, p in mha.named_parameters():
+        np.testing.assert_allclose(grads[name], p.grad.numpy(), atol=1e-12, rtol=0)
+    for p_ranks in (2, 4):  # the ranks' shares of the input gradients add up to the whole
+        shares = [checks._heads_backward(params, case, checks._rank_heads(r, p_ranks, h), h, grad_out)[1] for r in range(p_ranks)]
+        total = [sum(s[i] for s in shares) for i in range(3)]
+        for got, want in zip(checks._per_argument(total, mode), d_args, strict=True):
+            np.testing.assert_allclose(got, want, atol=1e-12, rtol=0)
 
 
 def test_check_shards_equal_an_independent_torch_slicing():
@@ -231,11 +387,11 @@ def test_check_shards_equal_an_independent_torch_slicing():
 
 
 def test_bias_on_rank_zero_only_is_accepted():
-    """Adding the bias before the all-reduce on rank 0 only is correct too."""
+    """Adding the bias before the all-reduce on rank 0 only is correct too (forward and gradients)."""
     source = mutants.TEMPLATES["TensorParallelMultiHeadAttention"].replace(
-        "        dist.all_reduce(out, group=self.group)\n        if self.out_proj.bias is not None:\n",
+        "        out = self.G.apply(out, self.group)\n        if self.out_proj.bias is not None:\n",
         "        if self.out_proj.bias is not None and self.rank == 0:\n            out = out + self.out_proj.bias\n"
-        "        dist.all_reduce(out, group=self.group)\n        if False:\n",
+        "        out = self.G.apply(out, self.group)\n        if False:\n",
     )
     assert source != mutants.TEMPLATES["TensorParallelMultiHeadAttention"]
     ex = CHAPTER.exercises[1]
@@ -243,16 +399,22 @@ def test_bias_on_rank_zero_only_is_accepted():
     assert run_check(ex, ns, hidden=True).passed
 
 
-def test_thread_fallback_without_fork(monkeypatch):
-    """Where gloo cannot start, the ranks run as threads: the solution passes, a missing all-reduce is named."""
+@pytest.mark.parametrize(
+    "mutant", ["missing_all_reduce", "in_place_all_reduce_no_backward", "all_reduce_without_group", "g_backward_all_reduces"]
+)
+def test_thread_fallback_without_fork(monkeypatch, mutant):
+    """Where gloo cannot start, the ranks run as threads (groups and gradients too): the solution passes, mistakes are named."""
     monkeypatch.setattr(checks, "_fork", None)
     ex = CHAPTER.exercises[1]
-    ok = run_check(ex, namespace(CHAPTER), hidden=True)
-    assert ok.passed, ok.message
-    bad = next(m for m in mutants.MUTANTS if m.name == "missing_all_reduce")
-    outcome = run_check(ex, namespace(CHAPTER, replace={ex.name: bad.code}))
-    assert not outcome.passed and "simulated ranks" in outcome.message and bad.diagnosis in outcome.message
-    assert dist.all_reduce is checks._all_reduce
+    if mutant == "missing_all_reduce":
+        ok = run_check(ex, namespace(CHAPTER), hidden=True)
+        assert ok.passed, ok.message
+    bad = next(m for m in mutants.MUTANTS if m.name == mutant)
+    ns = namespace(CHAPTER, replace={ex.name: bad.code})
+    outcomes = [run_check(ex, ns, hidden=hidden) for hidden in (False, True)]
+    message = "\n".join(o.message for o in outcomes if not o.passed)
+    assert message and "simulated ranks" in message and bad.diagnosis.lower() in message.lower()
+    assert (dist.all_reduce, dist.get_rank, dist.get_world_size) == (checks._all_reduce, checks._get_rank, checks._get_world_size)
 
 
 def test_a_hanging_rank_is_killed_and_reported(monkeypatch):

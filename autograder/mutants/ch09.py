@@ -29,13 +29,38 @@ def shard_heads(state_dict, rank, world_size, num_heads):
 
 LAYER_TEMPLATE = """
 class TensorParallelMultiHeadAttention(nn.Module):
-    def __init__(self, embed_dim, num_heads, rank, world_size, group=None, bias=True):
+    class F(torch.autograd.Function):  # f: identity forward, all-reduce of the gradient backward
+        @staticmethod
+        def forward(ctx, x, group):
+            ctx.group = group
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            g = g.clone()
+            dist.all_reduce(g, group=ctx.group)
+            return g, None
+
+    class G(torch.autograd.Function):  # g: all-reduce forward, identity backward
+        @staticmethod
+        def forward(ctx, x, group):
+            x = x.clone()
+            dist.all_reduce(x, group=group)
+            return x
+
+        @staticmethod
+        def backward(ctx, g):
+            return g, None
+
+    def __init__(self, embed_dim, num_heads, group=None, bias=True):
         super().__init__()
-        if num_heads % world_size != 0:
-            raise ValueError("num_heads must be divisible by world_size")
-        self.h = num_heads // world_size
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        if num_heads % self.world_size != 0:
+            raise ValueError("num_heads must be divisible by the group's size")
+        self.h = num_heads // self.world_size
         self.d = embed_dim // num_heads
-        self.rank, self.world_size, self.group = rank, world_size, group
         local = self.h * self.d
         self.in_proj_weight = nn.Parameter(torch.randn(3 * local, embed_dim) * 0.02)
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * local)) if bias else None
@@ -48,11 +73,15 @@ class TensorParallelMultiHeadAttention(nn.Module):
             value = key
         B, L, E = query.shape
         S = key.shape[1]
+        f = self.F.apply
+        xq = f(query, self.group)
+        xk = xq if key is query else f(key, self.group)
+        xv = xk if value is key else (xq if value is query else f(value, self.group))
         wq, wk, wv = self.in_proj_weight.chunk(3)
         bq, bk, bv = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
-        q = F.linear(query, wq, bq).view(B, L, self.h, self.d).transpose(1, 2)
-        k = F.linear(key, wk, bk).view(B, S, self.h, self.d).transpose(1, 2)
-        v = F.linear(value, wv, bv).view(B, S, self.h, self.d).transpose(1, 2)
+        q = F.linear(xq, wq, bq).view(B, L, self.h, self.d).transpose(1, 2)
+        k = F.linear(xk, wk, bk).view(B, S, self.h, self.d).transpose(1, 2)
+        v = F.linear(xv, wv, bv).view(B, S, self.h, self.d).transpose(1, 2)
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.d)
         if attn_mask is None and is_causal:
             attn_mask = torch.ones(L, S, dtype=torch.bool).triu(1)
@@ -66,7 +95,7 @@ class TensorParallelMultiHeadAttention(nn.Module):
         weights = torch.softmax(scores, dim=-1)
         out = (weights @ v).transpose(1, 2).reshape(B, L, self.h * self.d)
         out = out @ self.out_proj.weight.T
-        dist.all_reduce(out, group=self.group)
+        out = self.G.apply(out, self.group)
         if self.out_proj.bias is not None:
             out = out + self.out_proj.bias
         return out
@@ -81,6 +110,7 @@ def _m(exercise: str, name: str, diagnosis: str, *pairs: tuple[str, str]) -> Mut
 
 ROWS = "    rows = torch.cat([idx, idx + E, idx + 2 * E])\n"
 LAYER = "TensorParallelMultiHeadAttention"
+G_CALL = "        out = self.G.apply(out, self.group)\n"
 
 MUTANTS = [
     # shard_heads
@@ -136,51 +166,40 @@ MUTANTS = [
         "should raise ValueError",
         ('        raise ValueError("num_heads must be divisible by world_size")\n', "        pass\n"),
     ),
-    # TensorParallelMultiHeadAttention
+    # TensorParallelMultiHeadAttention: the forward pass
     _m(
         LAYER,
         "bias_on_every_rank",
         "bias on every rank",
         (
-            "        out = out @ self.out_proj.weight.T\n        dist.all_reduce(out, group=self.group)\n"
+            "        out = out @ self.out_proj.weight.T\n        out = self.G.apply(out, self.group)\n"
             "        if self.out_proj.bias is not None:\n            out = out + self.out_proj.bias\n",
-            "        out = self.out_proj(out)\n        dist.all_reduce(out, group=self.group)\n",
+            "        out = self.out_proj(out)\n        out = self.G.apply(out, self.group)\n",
         ),
     ),
-    _m(LAYER, "missing_all_reduce", "no all-reduce", ("        dist.all_reduce(out, group=self.group)\n", "")),
+    _m(LAYER, "missing_all_reduce", "no all-reduce", ("        out = self.G.apply(out, self.group)\n", "")),
     _m(
         LAYER,
         "averaged_like_data_parallel",
         "averaged the partial outputs",
-        (
-            "        dist.all_reduce(out, group=self.group)\n",
-            "        dist.all_reduce(out, group=self.group)\n        out = out / self.world_size\n",
-        ),
+        (G_CALL, G_CALL + "        out = out / self.world_size\n"),
     ),
-    _m(
-        LAYER,
-        "scale_by_local_width",
-        "1/sqrt(E/p)",
-        ("/ math.sqrt(self.d)", "/ math.sqrt(self.h * self.d)"),
-    ),
+    _m(LAYER, "scale_by_local_width", "1/sqrt(E/p)", ("/ math.sqrt(self.d)", "/ math.sqrt(self.h * self.d)")),
     _m(
         LAYER,
         "all_heads_on_each_rank",
         "all num_heads heads",
         (
-            "        self.h = num_heads // world_size\n        self.d = embed_dim // num_heads\n",
-            "        self.h = num_heads\n        self.d = embed_dim // num_heads // world_size\n",
+            "        self.h = num_heads // self.world_size\n        self.d = embed_dim // num_heads\n",
+            "        self.h = num_heads\n        self.d = embed_dim // num_heads // self.world_size\n",
         ),
-        ("        local = self.h * self.d\n", "        local = embed_dim // world_size\n"),
+        ("        local = self.h * self.d\n", "        local = embed_dim // self.world_size\n"),
     ),  # fmt: skip
     _m(
         LAYER,
         "all_reduce_on_rank_0_only",
         "deadlock",
-        (
-            "        dist.all_reduce(out, group=self.group)\n",
-            "        if self.rank == 0:\n            dist.all_reduce(out, group=self.group)\n",
-        ),
+        (G_CALL, "        if self.rank == 0:\n    " + G_CALL),
     ),
     _m(
         LAYER,
@@ -193,5 +212,100 @@ MUTANTS = [
         "forgot_output_bias",
         "forgot the output projection's bias",
         ("            out = out + self.out_proj.bias\n", "            pass\n"),
+    ),
+    # TensorParallelMultiHeadAttention: the contract's constructor and group
+    _m(
+        LAYER,
+        "old_signature_rank_world_size",
+        "still asks for rank and world_size",
+        (
+            "    def __init__(self, embed_dim, num_heads, group=None, bias=True):\n",
+            "    def __init__(self, embed_dim, num_heads, rank, world_size, group=None, bias=True):\n",
+        ),
+        (
+            "        self.rank = dist.get_rank(group)\n        self.world_size = dist.get_world_size(group)\n",
+            "        self.rank, self.world_size = rank, world_size\n",
+        ),
+    ),  # fmt: skip
+    _m(
+        LAYER,
+        "rank_and_size_of_the_world",
+        "ignored `group`",
+        ("dist.get_rank(group)", "dist.get_rank()"),
+        ("dist.get_world_size(group)", "dist.get_world_size()"),
+    ),
+    _m(
+        LAYER,
+        "all_reduce_without_group",
+        "ignored `group` in the all-reduce",
+        ("dist.all_reduce(g, group=ctx.group)", "dist.all_reduce(g)"),
+        ("dist.all_reduce(x, group=group)", "dist.all_reduce(x)"),
+    ),
+    _m(
+        LAYER,
+        "grad_all_reduce_without_group",
+        "ignored `group` in the backward pass",
+        ("dist.all_reduce(g, group=ctx.group)", "dist.all_reduce(g)"),
+    ),
+    # TensorParallelMultiHeadAttention: the backward pass (the forward is right in all of these)
+    _m(
+        LAYER,
+        "in_place_all_reduce_no_backward",
+        "has no backward",
+        ("        f = self.F.apply\n", "        f = lambda x, group: x\n"),
+        (G_CALL, "        dist.all_reduce(out, group=self.group)\n"),
+    ),
+    _m(
+        LAYER,
+        "missing_f_at_the_input",
+        "no f at the input",
+        ("        f = self.F.apply\n", "        f = lambda x, group: x\n"),
+    ),
+    _m(
+        LAYER,
+        "f_on_the_query_only",
+        "only some inputs went through f",
+        ("        xk = xq if key is query else f(key, self.group)\n", "        xk = xq if key is query else key\n"),
+        ("else f(value, self.group))", "else value)"),
+    ),
+    _m(
+        LAYER,
+        "torch_distributed_nn_all_reduce",
+        "multiplies the gradients by world_size",
+        ("        f = self.F.apply\n", "        f = lambda x, group: x\n"),
+        (
+            G_CALL,
+            "        from torch.distributed.nn.functional import all_reduce\n\n        out = all_reduce(out, group=self.group)\n",
+        ),
+    ),
+    _m(
+        LAYER,
+        "g_backward_all_reduces",
+        "multiplies the gradients by world_size",
+        (
+            "        def backward(ctx, g):\n            return g, None\n",
+            "        def backward(ctx, g):\n            g = g.clone()\n            dist.all_reduce(g)\n            return g, None\n",
+        ),
+    ),  # fmt: skip
+    _m(
+        LAYER,
+        "f_backward_averages",
+        "averaged the input's gradient",
+        (
+            "            return g, None\n\n    class G(",
+            "            return g / dist.get_world_size(ctx.group), None\n\n    class G(",
+        ),
+    ),
+    _m(
+        LAYER,
+        "bias_split_across_ranks",
+        "split the output bias across the ranks",
+        (
+            "        out = out @ self.out_proj.weight.T\n        out = self.G.apply(out, self.group)\n"
+            "        if self.out_proj.bias is not None:\n            out = out + self.out_proj.bias\n",
+            "        out = out @ self.out_proj.weight.T\n        if self.out_proj.bias is not None:\n"
+            "            out = out + self.out_proj.bias / self.world_size\n"
+            "        out = self.G.apply(out, self.group)\n",
+        ),
     ),
 ]
