@@ -229,10 +229,58 @@ _RISKY_CALLS = {
     "signal.signal": "changes signal handlers",
     "set_custom_exc": "installs an IPython exception handler",
     "sys.modules": "edits sys.modules",
+    "importlib": "imports modules by name (importlib)",
+    "__import__": "imports modules by name (__import__)",
+    "gc": "walks the interpreter's objects (gc)",
+    "__code__": "touches a function's __code__",
+    "__globals__": "touches a function's globals",
+    "__closure__": "touches a function's closure",
+    "input_transformers_cleanup": "rewrites later cells (IPython input transformers)",
+    "input_transformers_post": "rewrites later cells (IPython input transformers)",
+    "ast_transformers": "rewrites later cells (IPython AST transformers)",
+    "events.register": "hooks IPython's cell events",
+    "run_cell": "replaces or calls IPython's run_cell",
+    "run_cell_async": "replaces IPython's run_cell_async",
+    "run_cell_magic": "replaces IPython's run_cell_magic",
+    "should_run_async": "replaces IPython's should_run_async",
+    "showtraceback": "replaces IPython's traceback display",
+    "register_magic_function": "defines IPython magics",
+    "clear_output": "clears cell outputs",
+    "sys.stdout": "replaces or writes sys.stdout",
+    "sys.stderr": "replaces or writes sys.stderr",
+    "sys.settrace": "traces execution",
+    "sys.setprofile": "traces execution",
+    "_getframe": "reads the caller's frame",
+    "currentframe": "reads the caller's frame",
+    "f_back": "reads the caller's frame",
+    "f_locals": "reads a frame's variables",
+    "os.environ": "reads the environment",
+    "builtins": "changes or reads builtins",
+    "__torch_function__": "overrides torch functions on its objects",
+    "__torch_dispatch__": "overrides torch operators on its objects",
+    "__array_ufunc__": "overrides NumPy ufuncs on its objects",
+    "__array_function__": "overrides NumPy functions on its objects",
+    "TorchFunctionMode": "intercepts torch functions",
+    "_ahh_agent_state": "touches the grader's kernel agent",
+}
+# Strings that only code aimed at the grader has a reason to hold.
+_RISKY_TEXT = {
+    "autograder": "names the course's grader in a string",
+    "\u2714": "prints the checks' success mark",
+    "checks passed": "prints the checks' success line",
+    "AHH_HIDDEN_SALT": "reads the hidden tests' salt",
+    "hidden_": "names the hidden tests in a string",
+    "visible_": "names the visible tests in a string",
 }
 
 
-def suspicious(nb: NotebookNode) -> list[str]:
+def _in_class(tree, fn) -> bool:
+    import ast
+
+    return any(isinstance(n, ast.ClassDef) and fn in n.body for n in ast.walk(tree))
+
+
+def suspicious(nb: NotebookNode, release: NotebookNode | None = None) -> list[str]:
     """Things in the student's own cells an instructor may want to look at (they cost no points).
 
     Assignments to attributes of modules or of IPython (``np.allclose = ...``,
@@ -254,9 +302,10 @@ def suspicious(nb: NotebookNode) -> list[str]:
             parts.append(dotted(node.func) + "()")
         return ".".join(reversed(parts))
 
+    course_code = {c.source.strip() for c in (release.cells if release is not None else []) if c.cell_type == "code"}
     for i, cell in enumerate(nb.cells):
-        if cell.cell_type != "code" or _locked(cell):
-            continue
+        if cell.cell_type != "code" or _locked(cell) or cell.source.strip() in course_code:
+            continue  # the course's own cells, as released
         try:
             tree = ast.parse(cell.source)
         except SyntaxError:
@@ -288,7 +337,17 @@ def suspicious(nb: NotebookNode) -> list[str]:
             if isinstance(node, (ast.Attribute, ast.Name)):
                 name = dotted(node)
                 for key, words in _RISKY_CALLS.items():
-                    if name == key or name.endswith("." + key) or name.startswith(key + "."):
+                    if name == key or name.endswith("." + key) or name.startswith(key + ".") or ("." + key + ".") in name:
                         found.add(words)
+            elif isinstance(node, ast.alias):
+                for key, words in _RISKY_CALLS.items():
+                    if node.name == key or node.name.split(".")[0] == key:
+                        found.add(words)
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                for key, words in _RISKY_TEXT.items():
+                    if key in node.value:
+                        found.add(words)
+            elif isinstance(node, ast.FunctionDef) and node.name in ("__eq__", "__ne__", "__bool__") and _in_class(tree, node):
+                found.add(f"defines {node.name} on its own class (an object that may compare equal to anything)")
         flags += [f"cell {i + 1}: {f}" for f in sorted(found)]
     return flags

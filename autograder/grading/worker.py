@@ -194,7 +194,7 @@ class Grader:
                 else:
                     clean, notes = sanitize(nb, self.release(sub.assignment))
                     result["notes"] += notes
-                    result["flags"] = suspicious(clean)
+                    result["flags"] = suspicious(clean, self.release(sub.assignment))
                     import nbformat
 
                     nbformat.write(clean, str(sdir / f"{sub.assignment}.ipynb"))

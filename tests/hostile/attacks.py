@@ -9,14 +9,15 @@ attack can be seen in the notebook's source, the grade is flagged for the instru
 They are grouped by the class of attack the design must withstand, not by a known exploit:
 replacing or wrapping the checks, rewriting later cells, forging output, reading hidden
 inputs, references or the salt, and returning objects that lie. ``{key}`` is the chapter's
-checks module (``ch01``), ``{first}`` its first exercise.
+checks module (``ch01``), ``{target}`` its last exercise (the one a lying implementation replaces:
+no other exercise calls it, so on the correct notebook only its points are at stake).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-SUCCESS = "\\u2714 {first}: 9 visible checks passed"
+SUCCESS = "\\u2714 {target}: 9 visible checks passed"
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class Attack:
     name: str
     kind: str
     source: str  # a cell placed after the setup cell
-    exercise: str | None = None  # replaces the cell of the chapter's first exercise instead (a lying implementation)
+    exercise: str | None = None  # replaces the cell of the chapter's last exercise instead (a lying implementation)
     flagged: bool = True  # the static review can see it
 
 
@@ -175,7 +176,7 @@ ATTACKS = [
 
         for _grade in ("visible", "hidden"):
             print("{success}".replace("visible", _grade))
-        _c.passed("{first}", 9)
+        _c.passed("{target}", 9)
         """,
     ),
     Attack(
@@ -245,7 +246,7 @@ ATTACKS = [
         """
         import sys
 
-        def {first}(*args, **kwargs):
+        def {target}(*args, **kwargs):
             frame = sys._getframe(1)
             while frame is not None:
                 for name in ("expected", "want", "ref", "reference", "oracle"):
@@ -254,14 +255,14 @@ ATTACKS = [
                 frame = frame.f_back
             raise NotImplementedError()
         """,
-        exercise="{first}",
+        exercise="{target}",
     ),
     # -- objects that lie ---------------------------------------------------------------------
     Attack(
         "always_equal",
         "lying objects",
         """
-        def {first}(*args, **kwargs):
+        def {target}(*args, **kwargs):
             class Liar:
                 shape = getattr(args[0], "shape", ())
                 dtype = getattr(args[0], "dtype", None)
@@ -280,7 +281,7 @@ ATTACKS = [
 
             return Liar()
         """,
-        exercise="{first}",
+        exercise="{target}",
     ),
     Attack(
         "array_subclass",
@@ -295,10 +296,10 @@ ATTACKS = [
             def __array_ufunc__(self, *a, **k):
                 return True
 
-        def {first}(*args, **kwargs):
+        def {target}(*args, **kwargs):
             return np.zeros(np.shape(args[0]) if args else ()).view(_Liar)
         """,
-        exercise="{first}",
+        exercise="{target}",
     ),
     Attack(
         "tensor_subclass",
@@ -315,21 +316,21 @@ ATTACKS = [
                         return True
                     return super().__torch_function__(func, types, args, kwargs or {{}})
 
-            def {first}(*args, **kwargs):
+            def {target}(*args, **kwargs):
                 first = args[0]
                 shape = tuple(first.shape) if hasattr(first, "shape") else ()
                 return torch.zeros(shape).as_subclass(_Liar)
         except ImportError:
-            def {first}(*args, **kwargs):
+            def {target}(*args, **kwargs):
                 raise NotImplementedError()
         """,
-        exercise="{first}",
+        exercise="{target}",
     ),
 ]
 
 
-def render(attack: Attack, key: str, first: str) -> str:
+def render(attack: Attack, key: str, target: str) -> str:
     import textwrap
 
-    success = SUCCESS.format(first=first)
-    return textwrap.dedent(attack.source).strip().format(key=key, first=first, success=success) + "\n"
+    success = SUCCESS.format(target=target)
+    return textwrap.dedent(attack.source).strip().format(key=key, target=target, success=success) + "\n"
