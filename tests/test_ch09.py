@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import time
 
 import numpy as np
@@ -22,6 +23,7 @@ from autograder.checks import ch09 as checks
 from autograder.checks.runner import run_check
 from autograder.course import ROOT, find_chapter
 from autograder.mutants import ch09 as mutants
+from autograder.notebook_format import read
 from solutions.ch09_heads_across_devices import TensorParallelMultiHeadAttention, shard_heads
 
 CHAPTER = find_chapter("09")
@@ -447,22 +449,33 @@ def test_checks_never_import_solutions():
 
 
 def test_numbers_the_chapter_quotes():
+    """The formulas behind the prose, and every number the prose quotes is glued by a code cell."""
     ns = namespace(CHAPTER)
     ring = lambda n, p: 2 * (p - 1) * n / p  # noqa: E731  (eq-ring-bytes)
     assert 2 * 6 * 16 * 4 == 768 and ring(768, 2) == 768 and ring(768, 4) == 1152
     assert ring(1, 2) == 1 and ring(1, 8) == 1.75
-    e, h, b, s = 4096, 32, 8, 2
+    e, b, s, peak, nvlink = 4096, 8, 2, 989e12, 450e9
     assert 2 * (e + 1) == 8194 and round(2 * (e + 1) / b) == 1024
 
-    def held(L, p):
-        return (4 * b * L * e / p + 2 * b * (h // p) * L**2) * s
+    def time_ratio(L, p, beta):  # eq-tp-time-ratio from its two sides, eq-ring-bytes and eq-tp-flops
+        return (ring(b * L * e * s, p) / beta) / ((8 * b * L * e**2 + 4 * b * L**2 * e) / p / peak)
 
-    assert round(ring(b * 8192 * e * s, 8) / held(8192, 8), 2) == 0.11
-    assert round(ring(b * 256 * e * s, 8) / held(256, 8), 2) == 1.75
+    for L, p in ((2048, 8), (2048, 2), (32768, 8)):
+        assert time_ratio(L, p, nvlink) == pytest.approx(2 * (p - 1) * s / (8 * e + 4 * L) * peak / nvlink)
+    assert round(time_ratio(2048, 8, nvlink), 2) == 1.5 and round(time_ratio(2048, 8, 50e9), 1) == 13.5
+    assert time_ratio(2048, 8, nvlink) / time_ratio(2048, 2, nvlink) == pytest.approx(7)  # grows as p - 1
     # The figure's shard: rank 0 of 2 holds rows 0-7, 16-23, 32-39 of a (48, 16) in_proj_weight.
     ids = {"in_proj_weight": torch.arange(48.0)[:, None].expand(48, 16).clone(), "out_proj.weight": torch.zeros(16, 16)}
     rows = ns["shard_heads"](ids, 0, 2, 4)["in_proj_weight"][:, 0].long().tolist()
     assert rows == [*range(0, 8), *range(16, 24), *range(32, 40)]
+    cells = read(CHAPTER.notebook).cells
+    quoted = {k for c in cells if c.cell_type == "markdown" for k in re.findall(r"\{glue:text\}`([A-Za-z0-9_]+)", c.source)}
+    code = "\n".join(c.source for c in cells if c.cell_type == "code")
+    glued = set(re.findall(r'glue\("([A-Za-z0-9_]+)"', code))
+    for pattern in re.findall(r'glue\(f"([A-Za-z0-9_{}]+)"', code):  # f-string keys: match their fixed parts
+        glued |= {k for k in quoted if re.fullmatch(re.sub(r"\{[^}]*\}", "[A-Za-z0-9]+", pattern), k)}
+    assert quoted and quoted <= glued, f"quoted but never glued: {sorted(quoted - glued)}"
+    assert "barely" not in "".join(c.source for c in cells if c.cell_type == "markdown")
 
 
 def _sum_of_ranks(rank, world_size):

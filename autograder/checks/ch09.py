@@ -922,6 +922,7 @@ def run_on_ranks(world_size: int, worker, *args, timeout: float = 30.0) -> list:
     one the checks use. Raises RuntimeError naming each rank that failed, or that was still running
     after ``timeout`` seconds (it is then killed).
     """
+    _warm_up()
     statuses = _run_forked(world_size, lambda r: worker(r, world_size, *args), deadline=timeout)
     if statuses is None:
         raise RuntimeError("gloo could not start: this machine offers no loopback network interface")
@@ -1015,6 +1016,21 @@ def _run_threads(p: int, body) -> list[dict]:
     finally:
         dist.all_reduce, dist.get_rank, dist.get_world_size = saved
     return statuses
+
+
+_warmed_up: list = []
+
+
+def _warm_up() -> None:
+    """One tiny backward under a dispatch mode, here, before forking: the first one in a process costs seconds
+    (lazy initialisation), and every forked rank would otherwise pay it again."""
+    if _warmed_up:
+        return
+    x = R.requires_grad_(R.tensor_of(T.np_ones(2), F32))
+    with _CollectiveRecorder([]):
+        y = R.t_sum(R.t_mul(x, 2.0))
+    R.autograd_grad([y], [x])
+    _warmed_up.append(True)
 
 
 def _run_ranks(p: int, body) -> tuple[list[dict], str]:
@@ -1234,6 +1250,7 @@ def _judge(jobs: list[dict], statuses: list[dict], p: int, how: str) -> int:
 
 
 def _run_jobs(cls, jobs_by_p: dict) -> int:
+    _warm_up()
     count = 0
     for p, jobs in jobs_by_p.items():
         statuses, how = _run_ranks(p, lambda r, new_group, jobs=jobs, p=p: _rank_body(cls, jobs, r, p, new_group))
