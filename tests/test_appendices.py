@@ -38,8 +38,10 @@ F64 = torch.float64
 MYTH_VERDICTS = {
     "myth1": "verdict 1: heads split the features, not the sequence",
     "myth2": "verdict 2: the FLOP count is the same for every number of heads",
+    "myth2-softmax": "verdict 2b: the softmax and the L x S tensors grow with B*H*L*S",
     "myth3": "verdict 3: PyTorch scales by 1/sqrt(head_dim)",
     "myth4": "verdict 4: the cost grows quadratically in n",
+    "myth4-traffic": "verdict 4b: a fused kernel re-reads K and V once per query tile",
     "myth5": "verdict 5: masking after the softmax leaks the future",
     "myth6": "verdict 6: NaN from a plain softmax and from nn.MultiheadAttention's weights",
     "myth6-grad": "verdict 6b: one fully masked sequence makes the loss NaN",
