@@ -115,7 +115,14 @@ def test_every_seeded_hidden_check_is_wrapped_in_its_module():
     assert seeded >= 20
 
 
-def test_each_student_gets_a_salt_in_the_kernel_environment(tmp_path):
+def _untrusted_chapter():
+    from autograder.grading.judge import is_trusted
+
+    return next((c for c in CHAPTERS if not all(is_trusted(e) for e in c.exercises)), None)
+
+
+def test_each_student_gets_a_salt_and_only_the_grader_holds_it(tmp_path):
+    """The judge draws a trusted chapter's hidden inputs with the student's salt; the kernel never sees it."""
     if shutil.which("bwrap") is None:
         pytest.skip("bubblewrap (bwrap) is not installed")
     from autograder.grading.worker import Grader, Options
@@ -123,22 +130,39 @@ def test_each_student_gets_a_salt_in_the_kernel_environment(tmp_path):
 
     sandbox = Sandbox(tmp_path / "sandbox", Limits())
     grader = Grader(Options(out=tmp_path / "out"), sandbox)
-    alice = grader.use_salt("alice")
-    assert sandbox.kernel_env()[seeding.ENV] == alice == seeding.student_salt("alice")
-    assert grader.use_salt("alice") == alice, "a regrade gets the same salt"
-    bob = grader.use_salt("bob")
-    assert sandbox.kernel_env()[seeding.ENV] == bob != alice
-    other_term = Grader(Options(out=tmp_path / "out", hidden_seed="spring"), sandbox)
-    assert other_term.use_salt("alice") != alice, "--hidden-seed changes every student's salt"
-    assert len(alice) == 8 and int(alice, 16) >= 0
+    first = find_chapter("01")
+    try:
+        alice = grader.use_salt("alice", first)
+        assert seeding.current_salt() == alice == seeding.student_salt("alice")
+        assert seeding.ENV not in sandbox.kernel_env(), "a trusted chapter's kernel must not hold the salt"
+        assert grader.use_salt("alice", first) == alice, "a regrade gets the same salt"
+        bob = grader.use_salt("bob", first)
+        assert seeding.current_salt() == bob != alice
+        other_term = Grader(Options(out=tmp_path / "out", hidden_seed="spring"), sandbox)
+        assert other_term.use_salt("alice", first) != alice, "--hidden-seed changes every student's salt"
+        assert len(alice) == 8 and int(alice, 16) >= 0
+        untrusted = _untrusted_chapter()
+        if untrusted is not None:  # its checks still run in the kernel: the kernel needs the salt
+            carol = grader.use_salt("carol", untrusted)
+            assert sandbox.kernel_env()[seeding.ENV] == carol
+    finally:
+        seeding.set_salt(None)
 
 
-def test_unsandboxed_kernels_get_the_salt_through_the_worker_environment(tmp_path, monkeypatch):
+def test_unsandboxed_kernels_get_the_salt_only_for_in_kernel_checks(tmp_path, monkeypatch):
     from autograder.grading.worker import Grader, Options
 
     monkeypatch.delenv(seeding.ENV, raising=False)
-    Grader(Options(out=tmp_path / "out", sandbox=False), None).use_salt("carol")
-    assert os.environ[seeding.ENV] == seeding.student_salt("carol")
+    grader = Grader(Options(out=tmp_path / "out", sandbox=False), None)
+    try:
+        grader.use_salt("carol", find_chapter("01"))
+        assert seeding.ENV not in os.environ
+        untrusted = _untrusted_chapter()
+        if untrusted is not None:
+            grader.use_salt("carol", untrusted)
+            assert os.environ[seeding.ENV] == seeding.student_salt("carol")
+    finally:
+        seeding.set_salt(None)
 
 
 def test_grading_sha_depends_on_the_hidden_seed():
