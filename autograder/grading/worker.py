@@ -215,6 +215,14 @@ class Grader:
         result["events"] = list(execute.EVENTS)
         if judge is not None:
             result["flags"] = list(result.get("flags", [])) + judge.flags
+        from autograder.grading.judge import is_trusted
+
+        in_kernel = [ex.name for ex in chapter.exercises if not (self.opts.trusted and is_trusted(ex))]
+        if in_kernel and result.get("flags"):
+            result["flags"].append(
+                f"in-kernel verdicts: the checks of {', '.join(in_kernel)} ran in the student's kernel, "
+                "where the flagged code could have changed them"
+            )
         graded_nb = autograded / f"{sub.assignment}.ipynb"
         if not reply["success"] or not graded_nb.exists():
             log = (reply.get("error") or "") + "\n" + (reply.get("log") or "")
