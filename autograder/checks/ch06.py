@@ -30,8 +30,10 @@ import torch
 
 from autograder.checks import torch_refs as R
 from autograder.checks import trusted as T
-from autograder.checks.common import CheckFailure, call, diagnose, max_error, passed, show
+from autograder.checks.common import CheckFailure, call, diagnose, max_error, passed, show, source_tree
+from autograder.checks.objects import new_object, watched_call
 from autograder.checks.torch_refs import BF16, BOOL, F8, F16, F32, F64, I8
+from autograder.grading.remote import is_remote
 
 # ---------------------------------------------------------------------------------------------
 # References captured at import time (a student cell may rebind torch or numpy attributes).
@@ -111,14 +113,23 @@ def _expect(
 
 
 def _forbidden(cls_or_fn, names: set[str]) -> list[str]:
-    """Uses of ``names`` (as identifiers, attributes or keywords) in the source of a function or a class's methods."""
-    fns = [cls_or_fn] if inspect.isfunction(cls_or_fn) else [f for f in _vars(cls_or_fn).values() if inspect.isfunction(f)]
+    """Uses of ``names`` (as identifiers, attributes or keywords) in the source of a function or a class's methods
+    (for an object in the student's kernel: in its cell as the grader read it from the notebook)."""
+    if is_remote(cls_or_fn):
+        tree = source_tree(cls_or_fn)
+        body = tree.body if isinstance(tree, (ast.ClassDef, ast.Module)) else [tree] if tree is not None else []
+        trees = [(n.name, n) for n in body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+        trees = [(m.name, m) for _, n in trees for m in (n.body if isinstance(n, ast.ClassDef) else [n])]
+    else:
+        fns = [cls_or_fn] if inspect.isfunction(cls_or_fn) else [f for f in _vars(cls_or_fn).values() if inspect.isfunction(f)]
+        trees = []
+        for fn in fns:
+            try:
+                trees.append((fn.__name__, ast.parse(textwrap.dedent(inspect.getsource(fn)))))
+            except (OSError, TypeError, SyntaxError):
+                continue
     found = []
-    for fn in fns:
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
-        except (OSError, TypeError, SyntaxError):
-            continue
+    for fn_name, tree in trees:
         for node in ast.walk(tree):
             name = None
             if _isinstance(node, ast.Name):
@@ -130,7 +141,7 @@ def _forbidden(cls_or_fn, names: set[str]) -> list[str]:
             elif _isinstance(node, ast.Constant) and _isinstance(node.value, _str):
                 name = node.value  # a keyword spelled as a string: **{"enable_gqa": True}
             if name in names:
-                found.append(f"{name} in {fn.__name__}")
+                found.append(f"{name} in {fn_name}")
     return found
 
 
@@ -460,12 +471,15 @@ class ReferenceKVCache:
     def __len__(self) -> int:
         return 0 if self._k is None else _int(R.shape_of(self._k)[2])
 
+    def clear_log(self) -> None:
+        self.log.clear()
+
 
 def _prefill(cache: ReferenceKVCache, p: dict, x: np.ndarray, h: int, dtype) -> None:
     """Put the keys and values of the prompt x (B, P, E) into ``cache``, as a prefill would."""
     _, kh, vh = _heads(p, x, h)
     cache.update(R.tensor_of(kh, dtype), R.tensor_of(vh, dtype))
-    cache.log.clear()
+    cache.clear_log()
 
 
 def _step_atol(p: dict, x: np.ndarray, h: int, dtype) -> float:
@@ -516,7 +530,7 @@ def _run_decode(
     weights_before = R.clone(mha.in_proj_weight)
     where = f"nn.MultiheadAttention({e}, {h}{'' if bias else ', bias=False'}, batch_first=True), B = {b}, {R.dname(dtype)}"
     start = f"a cache prefilled with a {prompt}-token prompt" if prompt else "an empty cache"
-    cache = ReferenceKVCache(b, h, d, dtype, label=f"decode_step [{where}]")
+    cache = new_object(ReferenceKVCache, b, h, d, dtype, label=f"decode_step [{where}]")
     if prompt:
         _prefill(cache, p, x[:, :prompt], h, dtype)
     fingerprints_cache: dict = {}
@@ -738,7 +752,7 @@ def _build_gqa(cls, e: int, h: int, kv: int, bias: bool | None, p: dict | None, 
         raise CheckFailure(
             f"{label}: should be an nn.Module (class GroupedQueryAttention(nn.Module)), got {T.type_name(module)}."
         )
-    used = _forbidden(T._type(module), {"enable_gqa", "MultiheadAttention"})
+    used = _forbidden(cls, {"enable_gqa", "MultiheadAttention"})
     if used:
         raise CheckFailure(
             f"{label}: do the grouping yourself (repeat_interleave the key/value heads); the layer uses {', '.join(used)}."
@@ -793,24 +807,19 @@ GQA_SHORTCUT = (
 )
 
 
-class _SdpaWatch(_TorchFunctionMode):
-    """Records SDPA calls that group heads for the caller (enable_gqa, or fewer key heads than query heads)."""
-
-    def __init__(self):
-        super().__init__()
-        self.shortcut = False
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is _sdpa_fn:
-            gqa = kwargs.get("enable_gqa", args[7] if T._len(args) > 7 else False)
-            q, k = (args + (None, None))[:2]
-            heads_differ = False
-            if T.is_tensor(q) and T.is_tensor(k) and T._len(_shape_of(q)) >= 3 and T._len(_shape_of(k)) >= 3:
-                heads_differ = _shape_of(q)[-3] != _shape_of(k)[-3]
-            if gqa is True or heads_differ:
-                self.shortcut = True
-        return func(*args, **kwargs)
+def _sdpa_groups_heads(calls: list) -> bool:
+    """Whether a recorded call of F.scaled_dot_product_attention grouped heads for the caller
+    (enable_gqa=True, or keys with fewer heads than the queries)."""
+    for c in calls:
+        if T._type(c) is not T._dict or c.get("name") != "scaled_dot_product_attention":
+            continue
+        args, kwargs, shapes = c.get("args") or [], c.get("kwargs") or {}, c.get("shapes") or []
+        gqa = kwargs.get("enable_gqa", args[7] if T._len(args) > 7 else False)
+        q, k = (T._list(shapes) + [None, None])[:2]
+        heads_differ = T._type(q) is T._list and T._type(k) is T._list and T._len(q) >= 3 and T._len(k) >= 3 and q[-3] != k[-3]
+        if gqa is True or heads_differ:
+            return True
+    return False
 
 
 def _run_gqa(cls, rng, e, h, kv, b, n, *, causal=False, bias=False, dtype=F32, scale=1.0, default_call=False, note=""):
@@ -822,9 +831,11 @@ def _run_gqa(cls, rng, e, h, kv, b, n, *, causal=False, bias=False, dtype=F32, s
     kind = {1: "MQA", h: "MHA"}.get(kv, f"GQA, {h // kv} query heads per KV head")
     call_desc = "(x)" if default_call else f"(x, is_causal={causal})"
     label = f"{_gqa_label(e, h, kv, bias)}{call_desc} with x of shape {(b, n, e)} [{kind}, {R.dname(dtype)}{note}]"
-    with _SdpaWatch() as watch:
-        result = call(module, xt, label=label) if default_call else call(module, xt, is_causal=causal, label=label)
-    if watch.shortcut:
+    if default_call:
+        result, calls = call(watched_call, module, xt, label=label)
+    else:
+        result, calls = call(watched_call, module, xt, is_causal=causal, label=label)
+    if _sdpa_groups_heads(calls):
         raise CheckFailure(f"{label}: do the grouping yourself; the layer let {GQA_SHORTCUT}")
     out = _as_result(result, label=label, what="output", dtype=dtype)
     if not R.t_equal(xt, before):

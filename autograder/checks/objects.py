@@ -13,7 +13,7 @@ import builtins
 import torch
 import torch.nn as nn
 
-from autograder.grading.remote import is_remote, remote_grad
+from autograder.grading.remote import current_remote, is_remote, remote_grad, remote_watch
 
 _module_to = nn.Module.to
 _named_parameters = nn.Module.named_parameters
@@ -54,20 +54,44 @@ def set_parameters(module, values: dict) -> None:
             _copy_(_path(module, path), value)
 
 
-def output_gradients(module, *args, output_index, grad_output, params: list[str], **kwargs) -> dict:
-    """Call the module, then d sum(out * grad_output) / d each parameter of ``params``.
+def output_gradients(module, *args, output_index, grad_output, params: list[str], inputs: tuple = (), **kwargs) -> dict:
+    """Call the module, then d sum(out * grad_output) / d each positional input in ``inputs`` and each
+    parameter in ``params`` (in that order).
 
-    Returns ``{"result", "requires_grad", "grads"}`` with ``grads`` in the order of ``params``
-    (None where no gradient reaches a parameter); empty when the output carries no gradient.
+    Returns ``{"result", "requires_grad", "grads"}`` (None where no gradient reaches a target);
+    ``grads`` is empty when the output carries no gradient.
     """
     if is_remote(module):
-        return remote_grad(
-            module, *args, output_index=output_index, grad_output=grad_output, wrt=[{"attr": p} for p in params], **kwargs
-        )
+        wrt = [{"arg": i} for i in inputs] + [{"attr": p} for p in params]
+        return remote_grad(module, *args, output_index=output_index, grad_output=grad_output, wrt=wrt, **kwargs)
     result = module(*args, **kwargs)
     out = result[output_index] if output_index is not None else result
     if _type(out) is not _Tensor or not out.requires_grad:
         return {"result": result, "requires_grad": False, "grads": []}
-    targets = [_path(module, p) for p in params]
+    targets = [args[i] for i in inputs] + [_path(module, p) for p in params]
     grads = _autograd_grad((out * grad_output).sum(), targets, allow_unused=True)
     return {"result": result, "requires_grad": True, "grads": list(grads)}
+
+
+def watched_call(fn, *args, **kwargs) -> tuple:
+    """``fn(*args, **kwargs)`` with a record of the torch functions it called: (result, records).
+
+    Records are those of :func:`autograder.grading.agent.watched`; for an object in the kernel they
+    are what the kernel reports.
+    """
+    if is_remote(fn):
+        reply = remote_watch(fn, *args, **kwargs)
+        if _type(reply) is not dict or _type(reply.get("calls")) is not list:
+            raise TypeError("the kernel's record of the call is malformed")
+        return reply["result"], reply["calls"]
+    from autograder.grading.agent import watched
+
+    return watched(fn, args, kwargs)
+
+
+def new_object(cls, *args, **kwargs):
+    """An instance of one of the checks' own classes, made where the student's code runs."""
+    remote = current_remote()
+    if remote is not None:
+        return remote.new(f"{cls.__module__}.{cls.__qualname__}", *args, **kwargs)
+    return cls(*args, **kwargs)

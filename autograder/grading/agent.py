@@ -121,6 +121,45 @@ def _grad(fn, args, kwargs, output_index, grad_output, wrt_obj, wrt):
     return {"result": result, "requires_grad": True, "grads": list(grads)}
 
 
+# Classes of the course's checks the judge may have built in the kernel (objects it hands to student code).
+CONSTRUCTIBLE = {"autograder.checks.ch06.ReferenceKVCache"}
+MAX_RECORDS = 10_000
+
+
+def _simple(v):
+    return v if v is None or type(v) in (bool, int, float, str) else None
+
+
+def watched(fn, args, kwargs):
+    """Call ``fn`` under a TorchFunctionMode that records every torch function it calls at its own level.
+
+    Each record: ``{"name", "module", "shapes": [shape or None per positional argument],
+    "args": [simple values or None], "kwargs": {name: simple value}}``. Returns (result, records).
+    """
+    import torch
+
+    records = []
+
+    class _Recorder(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, a=(), kw=None):
+            kw = kw or {}
+            if len(records) < MAX_RECORDS:
+                records.append(
+                    {
+                        "name": str(getattr(func, "__name__", func)),
+                        "module": str(getattr(func, "__module__", "") or ""),
+                        "shapes": [list(x.shape) if isinstance(x, torch.Tensor) else None for x in a],
+                        "args": [_simple(x) for x in a],
+                        "kwargs": {str(k): _simple(v) for k, v in kw.items()},
+                    }
+                )
+            return func(*a, **kw)
+
+    with _Recorder():
+        result = fn(*args, **kwargs)
+    return result, records
+
+
 def _dispatch(op: str, req: dict):
     if op == "lookup":
         ns = _namespace()
@@ -135,6 +174,14 @@ def _dispatch(op: str, req: dict):
     if op == "seed":
         _seed(int(req["seed"]))
         return None
+    if op == "new":
+        import importlib
+
+        name = str(req["cls"])
+        if name not in CONSTRUCTIBLE:
+            raise ValueError(f"the judge may not build a {name} here")
+        module, _, attr = name.rpartition(".")
+        return getattr(importlib.import_module(module), attr)(*req.get("args", ()), **req.get("kwargs", {}))
     target = req["target"]
     if op == "call":
         return target(*req.get("args", ()), **req.get("kwargs", {}))
@@ -156,6 +203,9 @@ def _dispatch(op: str, req: dict):
         return out
     if op == "repr":
         return str(repr(target))[:MAX_REPR]
+    if op == "watch":
+        result, records = watched(target, req.get("args", ()), req.get("kwargs", {}))
+        return {"result": result, "calls": records}
     if op == "grad":
         return _grad(target, req["args"], req["kwargs"], req["output_index"], req["grad_output"], req.get("wrt_obj"), req["wrt"])
     raise ValueError(f"unknown operation {op!r}")

@@ -41,6 +41,12 @@ _ERROR_CLASSES: dict[str, type] = {}
 
 def _error_class(remote_type: str, mro: list) -> type:
     short = remote_type.rsplit(".", 1)[-1]
+    if short == "CheckFailure":
+        # raised in the kernel by an object of the checks the judge handed to student code (or by the
+        # student, imitating one): it can only fail the check, never pass it
+        from autograder.checks.common import CheckFailure
+
+        return CheckFailure
     base = Exception
     for name in mro:
         builtin = name.removeprefix("builtins.")
@@ -159,6 +165,10 @@ class Remote:
         if type(obj) is RemoteObject or getattr(type(obj), "__remote__", False):
             object.__setattr__(obj, "_source", source)
         return obj
+
+    def new(self, cls: str, *args, **kwargs):
+        """An object of one of the checks' classes (``agent.CONSTRUCTIBLE``), built in the kernel."""
+        return self.request("new", cls=cls, args=tuple(args), kwargs=dict(kwargs))
 
     def seed(self, n: int) -> None:
         self.request("seed", seed=int(n))
@@ -281,3 +291,9 @@ def remote_grad(obj, *args, output_index=None, grad_output, wrt, wrt_obj=None, *
         wrt_obj=wrt_obj,
         wrt=list(wrt),
     )
+
+
+def remote_watch(obj, *args, **kwargs) -> dict:
+    """Call ``obj`` in the kernel under a recorder of torch functions: ``{"result", "calls"}``
+    (what the kernel reports: evidence, not proof)."""
+    return object.__getattribute__(obj, "_remote").request("watch", target=obj, args=tuple(args), kwargs=dict(kwargs))
