@@ -63,7 +63,7 @@ def built_book() -> Path:
     result = subprocess.run([sys.executable, "-m", "autograder", "book"], capture_output=True, text=True, cwd=ROOT)
     log = result.stdout[-4000:] + result.stderr[-4000:]
     assert result.returncode == 0, f"the book does not build:\n{log}"
-    warnings = [line for line in result.stderr.splitlines() if re.search(r"\bWARNING\b", line) and "IPKernelApp" not in line]
-    assert not warnings, "\n".join(warnings)
+    warnings = [line for line in result.stderr.splitlines() if re.search(r"\bWARNING\b", line)]
+    assert not warnings, "\n".join(warnings)  # kernels included: over IPC they print no transport warning
     print(f"book built in {time.perf_counter() - start:.0f} s")
     return html
