@@ -91,12 +91,6 @@ def test_with_torch_every_chapter_is_checked():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="autograder/checks/ch01.py's softmax oracle still calls torch (T.torch_from_numpy, T.torch_softmax); "
-    "remove this marker once chapter 1's checks use a NumPy float64 oracle",
-)
 def test_whole_chapter_runs_without_torch(no_torch_env, tmp_path):
     """Every cell of chapter 1 (solutions filled in, as the book runs it) in a kernel without PyTorch."""
     import nbformat

@@ -1,7 +1,9 @@
 """Checks for chapter 1, attention as a soft lookup (NumPy).
 
-Oracles are float64 PyTorch (``torch.softmax``) and plain float64 matrix products,
-computed here on copies of the inputs, never taken from ``solutions/``.
+Oracles are float64 PyTorch (``torch.softmax``) where torch is installed, else a float64
+NumPy softmax (max-shifted, all ``-inf`` slices to zeros), and plain float64 matrix products,
+computed here on copies of the inputs, never taken from ``solutions/``. Chapter 1 needs NumPy
+alone.
 """
 
 from __future__ import annotations
@@ -15,8 +17,15 @@ ATOL = 1e-6
 
 
 def _softmax64(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    t = T.torch_from_numpy(np.array(x, dtype=np.float64))
-    return T.tensor_to_float64(T.torch_softmax(t, dim=axis))
+    x = T.np_array(x, dtype=T.np_float64)
+    if T.Tensor is not None:
+        return T.tensor_to_float64(T.torch_softmax(T.torch_from_numpy(x), dim=axis))
+    with T.np_errstate(invalid="ignore", over="ignore"):
+        m = T.np_max(x, axis=axis, keepdims=True)
+        m = T.np_where(T.np_isfinite(m), m, 0.0)
+        e = T.np_exp(x - m)
+        total = e.sum(axis=axis, keepdims=True)
+        return e / total
 
 
 def _softmax_fingerprints(x: np.ndarray, axis: int) -> dict:

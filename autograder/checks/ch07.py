@@ -37,7 +37,9 @@ import torch
 from autograder.checks import torch_refs as R
 from autograder.checks import trusted as T
 from autograder.checks.common import CheckFailure, call, diagnose, max_error, passed, show
+from autograder.checks.objects import output_gradients, watched_call
 from autograder.checks.torch_refs import BF16, BOOL, F8, F16, F32, F64
+from autograder.grading.remote import current_remote, is_remote
 
 # ---------------------------------------------------------------------------------------------
 # References captured at import time (a student cell may rebind torch, numpy, time or builtins).
@@ -82,6 +84,9 @@ _getattr = builtins.getattr
 _setattr = builtins.setattr
 _hasattr = builtins.hasattr
 _any = any
+_all = all
+_set = set
+_tuple = tuple
 _abs = abs
 _max = max
 _min = min
@@ -458,20 +463,17 @@ def _run_benchmark(
 ):
     """Run ``bench`` on a simulated workload; compare its median and IQR with the exact simulated ones."""
     warmup, repeats = _len(warm), _len(timed)
-    clock = _Clock()
-    device = _Device(clock, warm, timed, cuda)
-    _FakeCudaTensor._device = device
-    args = extra_args + (() if closure else (_fake_cuda_tensor(),) if cuda else (_zeros(4, 4),))
-    fn = _workload(device, args)
     where = "a simulated asynchronous CUDA device" if cuda else "a simulated CPU-only machine (CUDA unavailable)"
     shown_args = "".join(", " + a for a in [repr(a) for a in extra_args] + ([] if closure else ["x_cuda" if cuda else "x_cpu"]))
     label = f"benchmark(fn{shown_args}, warmup={warmup}, repeats={repeats}) on {where}{note}"
-    fakes = _make_cuda_fakes(device) if cuda else _make_cpu_fakes()
-    try:
-        with _Patched(bench, clock, fakes):
-            result = call(bench, fn, *args, warmup=warmup, repeats=repeats, label=label)
-    except CheckFailure as exc:
-        text = _str(exc)
+    if is_remote(bench):  # the simulation runs where the student's code runs; the verdict stays here
+        run = current_remote().probe(SIMULATE, bench, _list(warm), _list(timed), cuda, _tuple(extra_args), closure, label)
+    else:
+        run = simulate_benchmark(bench, warm, timed, cuda, extra_args, closure, label)
+    if T._type(run) is not _dict or not {"result", "calls", "bad_args", "error"} <= _set(run):
+        raise CheckFailure(f"{label}: the simulated run did not report back.")
+    if run["error"] is not None:
+        text = _str(run["error"])
         hint = ""
         if "device not ready" in text:
             hint = "\n  Likely mistake: called elapsed_time before the end event was reached: call end.synchronize() first."
@@ -484,9 +486,9 @@ def _run_benchmark(
             )
         elif "is_cuda" in text:
             hint = "\n  Likely mistake: not every argument is a tensor: test isinstance(a, torch.Tensor) and a.is_cuda."
-        raise CheckFailure(text + hint) from None
-    finally:
-        _FakeCudaTensor._device = None
+        raise CheckFailure(text + hint)
+    result = run["result"]
+    device = _Reported(run["calls"], run["bad_args"])
     if T._type(result) is not _dict:
         raise CheckFailure(f"{label}: should return a dict {{'median_ms': ..., 'iqr_ms': ...}}, got {T.type_name(result)}.")
     for key in ("median_ms", "iqr_ms"):
@@ -522,6 +524,50 @@ def _run_benchmark(
         elif cuda and iqr < 0.05 * _max(want_iqr, 1e-9) and median >= 0:
             lines.append(f"  Likely mistake: {BENCH_MISTAKES['no_sync']}")
         raise CheckFailure("\n".join(lines))
+
+
+SIMULATE = "autograder.checks.ch07.simulate_benchmark"
+
+
+class _Reported:
+    """What the simulated device saw, as reported by the process that ran the student's benchmark."""
+
+    def __init__(self, calls, bad_args):
+        self.calls = calls if T._type(calls) is _int else -1
+        self.bad_args = _bool(bad_args)
+
+
+def simulate_benchmark(bench, warm: list, timed: list, cuda: bool, extra_args: tuple, closure: bool, label: str) -> dict:
+    """Run ``bench`` on the simulated device (where the student's code runs): what it returned and what the device saw.
+
+    ``{"result", "calls", "bad_args", "error"}``; ``error`` is the failure message when ``bench`` raised.
+    """
+    warmup, repeats = _len(warm), _len(timed)
+    clock = _Clock()
+    device = _Device(clock, warm, timed, cuda)
+    _FakeCudaTensor._device = device
+    args = _tuple(extra_args) + (() if closure else (_fake_cuda_tensor(),) if cuda else (_zeros(4, 4),))
+    fn = _workload(device, args)
+    fakes = _make_cuda_fakes(device) if cuda else _make_cpu_fakes()
+    try:
+        with _Patched(bench, clock, fakes):
+            result = call(bench, fn, *args, warmup=warmup, repeats=repeats, label=label)
+    except CheckFailure as exc:
+        return {"result": None, "calls": device.calls, "bad_args": device.bad_args, "error": _str(exc)}
+    finally:
+        _FakeCudaTensor._device = None
+    if T._type(result) is _dict:  # only plain numbers go back: a tensor value would be a fake CUDA tensor
+        result = {
+            k: (v if T._type(v) in (_int, _float, _bool, _str) or v is None else _float_or_none(v)) for k, v in result.items()
+        }
+    return {"result": result, "calls": device.calls, "bad_args": device.bad_args, "error": None}
+
+
+def _float_or_none(v):
+    try:
+        return _float(v)
+    except Exception:  # noqa: BLE001
+        return T.type_name(v)
 
 
 def _durations(rng, n: int, base: float, spread: float) -> list[float]:
@@ -797,13 +843,12 @@ def _run_fused(cls, rng, e, h, b, n, *, bias=True, dtype=F32, mask=None, causal=
     else:
         desc = f"(x{', attn_mask=mask' if mask is not None else ''}, is_causal={causal})"
     label = f"{_fused_label(e, h, bias)}{desc} with x of shape {(b, n, e)} [{R.dname(dtype)}{mask_desc}{note}]"
-    recorder = _OpRecorder()
     with R.no_grad():
-        with recorder:
-            if default_call:
-                result = call(module, xt, label=label)
-            else:
-                result = call(module, xt, attn_mask=mask_t, is_causal=causal, label=label)
+        if default_call:
+            result, calls = call(watched_call, module, xt, label=label)
+        else:
+            result, calls = call(watched_call, module, xt, attn_mask=mask_t, is_causal=causal, label=label)
+    op_names = [_str(c.get("name")) for c in calls if T._type(c) is _dict]
     if not T.is_tensor(result):
         raise CheckFailure(f"{label}: should return a torch.Tensor (B, L, E), got {T.type_name(result)}.")
     if R.dtype_of(result) != dtype:
@@ -851,7 +896,7 @@ def _run_fused(cls, rng, e, h, b, n, *, bias=True, dtype=F32, mask=None, causal=
         if mistake:
             lines.append(f"  Likely mistake: {mistake}")
         raise CheckFailure("\n".join(lines))
-    _check_ops(recorder.names, label)
+    _check_ops(op_names, label)
 
 
 def _expect_value_error(make, label: str, why: str, otherwise: str = "") -> None:
@@ -883,21 +928,35 @@ def _check_fused_gradients(cls, rng, e: int = 8, h: int = 2, b: int = 2, n: int 
     future = R.tensor_of(T.np_triu(T.np_ones((n, n), dtype=T.np_bool), 1), BOOL)
     x_np = rng.normal(size=(b, n, e))
     grads = {}
-    for name, layer in (("yours", module), ("reference", ref)):
-        x = R.requires_grad_(R.tensor_of(x_np, F64), True)
-        with _enable_grad():
-            if name == "yours":
-                out = call(layer, x, is_causal=True, label=label)
-            else:
-                out, _ = R.mha_forward(layer, x, x, x, attn_mask=future, need_weights=False)
-            if not T.is_tensor(out) or not _requires_grad_of(out):
-                raise CheckFailure(
-                    f"{label}: the output does not require grad, so no gradient reaches the parameters. "
-                    "Likely mistake: the forward pass runs under torch.no_grad() or detaches a tensor (.detach(), .data); "
-                    "a layer must stay differentiable so that it can be trained."
-                )
-            params = [layer.in_proj_weight, layer.in_proj_bias, layer.out_proj.weight, x]
-            grads[name] = R.autograd_grad(R.t_sum(R.t_mul(out, weights)), params, allow_unused=True)
+    no_grad_message = (
+        f"{label}: the output does not require grad, so no gradient reaches the parameters. "
+        "Likely mistake: the forward pass runs under torch.no_grad() or detaches a tensor (.detach(), .data); "
+        "a layer must stay differentiable so that it can be trained."
+    )
+    x = R.requires_grad_(R.tensor_of(x_np, F64), True)
+    with _enable_grad():
+        reply = call(
+            output_gradients,
+            module,
+            x,
+            output_index=None,
+            grad_output=weights,
+            params=["in_proj_weight", "in_proj_bias", "out_proj.weight"],
+            inputs=(0,),
+            is_causal=True,
+            label=label,
+        )
+    got = reply["grads"]
+    if not T.is_tensor(reply["result"]) or not reply["requires_grad"]:
+        raise CheckFailure(no_grad_message)
+    if T._type(got) is not _list or _len(got) != 4 or not _all(g is None or T.is_tensor(g) for g in got):
+        raise CheckFailure(f"{label}: the gradients came back as {T.type_name(got)}, not four tensors.")
+    grads["yours"] = got[1:] + got[:1]  # x first in the reply; last here
+    x = R.requires_grad_(R.tensor_of(x_np, F64), True)
+    with _enable_grad():
+        out, _ = R.mha_forward(ref, x, x, x, attn_mask=future, need_weights=False)
+        params = [ref.in_proj_weight, ref.in_proj_bias, ref.out_proj.weight, x]
+        grads["reference"] = R.autograd_grad(R.t_sum(R.t_mul(out, weights)), params, allow_unused=True)
     names = ["in_proj_weight", "in_proj_bias", "out_proj.weight", "x"]
     for what, got, want in zip(names, grads["yours"], grads["reference"], strict=True):
         if got is None:

@@ -170,6 +170,10 @@ class Remote:
         """An object of one of the checks' classes (``agent.CONSTRUCTIBLE``), built in the kernel."""
         return self.request("new", cls=cls, args=tuple(args), kwargs=dict(kwargs))
 
+    def probe(self, name: str, *args, **kwargs):
+        """Run one of the checks' kernel-side parts (``agent.PROBES``) there; its report is data."""
+        return self.request("probe", name=name, args=tuple(args), kwargs=dict(kwargs))
+
     def seed(self, n: int) -> None:
         self.request("seed", seed=int(n))
 
