@@ -538,7 +538,14 @@ def _run_case(
             prints = fp(1, lambda x: x.mean(axis=1))
             prints[WEIGHT_MISTAKES["heads_sum"]] = lambda: exp_w.sum(axis=1)
             prints[WEIGHT_MISTAKES["first_head"]] = lambda: exp_w[:, 0]
-            expect_close(w, exp_w.mean(axis=1), label=label, what="attention-weight tensor (averaged over heads)", atol=atol, fingerprints=prints)
+            expect_close(
+                w,
+                exp_w.mean(axis=1),
+                label=label,
+                what="attention-weight tensor (averaged over heads)",
+                atol=atol,
+                fingerprints=prints,
+            )
         else:
             expect_close(w, exp_w, label=label, what="attention-weight tensor (per head)", atol=atol, fingerprints=fp(1))
     if dead and not T.np_isfinite(out).all():

@@ -35,6 +35,7 @@ from autograder.checks import torch_refs as R
 from autograder.checks import trusted as T
 from autograder.checks.common import CheckFailure, call, diagnose, max_error, passed, show
 from autograder.checks.torch_refs import BF16, F16, F32, F64
+from autograder.grading.remote import current_remote, is_remote
 
 # Triton decorates its own library functions (tl.zeros, ...) when it is imported, for the
 # interpreter or for the compiler depending on TRITON_INTERPRET at that moment. Without a CUDA GPU
@@ -474,6 +475,57 @@ class _LaunchCounter:
         return False
 
 
+OBSERVE = "autograder.checks.ch08.observe_call"
+
+
+def observe_call(fn, guard: bool, count_launches: bool, label: str, *args, **kwargs) -> dict:
+    """Call ``fn`` where the student's code runs, watched: the aten operations it ran, its largest tensor,
+    (with ``guard``) writes outside its allocations and output entries it never wrote, Triton launches.
+
+    Returns data only: ``{"error", "result", "largest", "largest_shape", "ops", "overrun", "unwritten", "launches"}``.
+    """
+    recorder = _Recorder(guard=guard)
+    launches = _LaunchCounter()
+    try:
+        if count_launches:
+            with launches, recorder:
+                result = call(fn, *args, label=label, **kwargs)
+        else:
+            with recorder:
+                result = call(fn, *args, label=label, **kwargs)
+    except CheckFailure as exc:
+        return {"error": _str(exc)}
+    unwritten = _unwritten(result) if guard and T.is_tensor(result) else None
+    return {
+        "error": None,
+        "result": result,
+        "largest": _int(recorder.largest),
+        "largest_shape": T._tuple(_int(n) for n in recorder.largest_shape),
+        "ops": sorted(_str(op) for op in recorder.ops),
+        "overrun": _int(recorder.overrun()) if guard else 0,
+        "unwritten": unwritten,
+        "launches": _int(launches.count),
+    }
+
+
+def _observed(fn, args: tuple, kwargs: dict, *, guard: bool, count_launches: bool, label: str) -> dict:
+    """:func:`observe_call` here, or in the student's kernel when ``fn`` lives there (its report is data)."""
+    if is_remote(fn):
+        run = current_remote().probe(OBSERVE, fn, guard, count_launches, label, *args, **kwargs)
+    else:
+        run = observe_call(fn, guard, count_launches, label, *args, **kwargs)
+    if T._type(run) is not T._dict or "error" not in run:
+        raise CheckFailure(f"{label}: the watched call did not report back.")
+    if run["error"] is not None:
+        raise CheckFailure(_str(run["error"]))
+    keys = ("result", "largest", "largest_shape", "ops", "overrun", "unwritten", "launches")
+    if not all(k in run for k in keys) or T._type(run["ops"]) is not T._list or T._type(run["largest"]) is not _int:
+        raise CheckFailure(f"{label}: the watched call's report is malformed.")
+    if run["unwritten"] is not None and T._type(run["unwritten"]) is not T.ndarray:
+        raise CheckFailure(f"{label}: the watched call's report is malformed.")
+    return run
+
+
 # ---------------------------------------------------------------------------------------------
 # tiled_attention
 # ---------------------------------------------------------------------------------------------
@@ -514,9 +566,8 @@ def _check_tiled(fn, q, k, v, *, causal: bool, block: int | None, dtype, note: s
     qt, kt, vt = (R.tensor_of(a, dtype) for a in (q, k, v))
     before = [R.clone(t) for t in (qt, kt, vt)]
     kwargs = {"causal": causal} if block is None else {"block_size": block, "causal": causal}
-    recorder = _Recorder()
-    with recorder:
-        result = call(fn, qt, kt, vt, label=label, **kwargs)
+    run = _observed(fn, (qt, kt, vt), kwargs, guard=False, count_launches=False, label=label)
+    result, largest, largest_shape = run["result"], run["largest"], run["largest_shape"]
     if T._type(result) is not T._tuple or T._len(result) != 2:
         raise CheckFailure(f"{label}: should return a tuple (out, logsumexp), got {T.type_name(result)}.")
     expected = _sdpa64(q, k, v, causal)
@@ -543,16 +594,16 @@ def _check_tiled(fn, q, k, v, *, causal: bool, block: int | None, dtype, note: s
     for name, t, b in zip(("q", "k", "v"), (qt, kt, vt), before, strict=True):
         if not R.t_equal(t, b):
             raise CheckFailure(f"{label}: tiled_attention changed its input {name} in place.")
-    if memory and recorder.largest >= L * S:  # memory cases have no leading dimensions
+    if memory and largest >= L * S:  # memory cases have no leading dimensions
         raise CheckFailure(
-            f"{label}: your tiled_attention created a tensor of {recorder.largest} elements (shape "
-            f"{recorder.largest_shape}); L x S = {L} x {S} = {L * S}. "
+            f"{label}: your tiled_attention created a tensor of {largest} elements (shape "
+            f"{largest_shape}); L x S = {L} x {S} = {L * S}. "
             f"{FULL_MATRIX}: compute the scores one block of keys at a time, (..., L, block_size), and keep only "
             "the running max, the running sum and the output accumulator between blocks."
             + (
-                f" Its last dimension is {recorder.largest_shape[-1]} but block_size={block}: {IGNORED_BLOCK} The "
+                f" Its last dimension is {largest_shape[-1]} but block_size={block}: {IGNORED_BLOCK} The "
                 "tiles must be block_size keys wide."
-                if recorder.largest_shape and block is not None and recorder.largest_shape[-1] != block
+                if largest_shape and block is not None and largest_shape[-1] != block
                 else ""
             )
         )
@@ -680,21 +731,20 @@ def _check_flash(
     else:
         kt, vt = (R.tensor_of(a, dtype, device) for a in (k, v))
     before = [R.clone(t) for t in (qt, kt, vt)]
-    recorder = _Recorder(guard=True)
-    with _LaunchCounter() as launches, recorder:
-        result = call(fn, qt, kt, vt, label=label) if default_call else call(fn, qt, kt, vt, causal=causal, label=label)
-    used = sorted(op for op in recorder.ops if _is_torch_math(op))
+    run = _observed(fn, (qt, kt, vt), {} if default_call else {"causal": causal}, guard=True, count_launches=True, label=label)
+    result = run["result"]
+    used = sorted(op for op in run["ops"] if _is_torch_math(op))
     if used:
         raise CheckFailure(
             f"{label}: {USED_TORCH} or other PyTorch maths: the call ran {', '.join(used[:6])}. Load tiles of q, k and v "
             "in the kernel and compute the scores, the online softmax and the output there."
         )
-    if launches.count == 0:
+    if run["launches"] == 0:
         raise CheckFailure(
             f"{label}: {NO_KERNEL}. Define a @triton.jit kernel and launch it with kernel[grid](...); the output must "
             "be written by the kernel."
         )
-    overrun = recorder.overrun()
+    overrun = run["overrun"]
     if overrun:
         raise CheckFailure(
             f"{label}: the kernel {STORE_MASK} It wrote {overrun} element{'' if overrun == 1 else 's'} outside the tensors allocated during the "
@@ -703,7 +753,7 @@ def _check_flash(
     expected = _sdpa64(q, k, v, causal)
     atol = _atol(dtype, _sdpa_error(q, k, v, causal, dtype, expected), float(T.np_max(T.np_abs(v))))
     out = _as_tensor(result, label=label, what="output", dtype=dtype, shape=(B, H, L, d))
-    unwritten = _unwritten(result)
+    unwritten = run["unwritten"]
     if unwritten is not None and unwritten.any():
         heads = sorted({(_int(b), _int(h)) for b, h, _, _ in _np_argwhere(unwritten)})
         rows = sorted({_int(i) for _, _, i, _ in _np_argwhere(unwritten)})

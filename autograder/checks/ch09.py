@@ -53,6 +53,7 @@ from autograder.checks import torch_refs as R
 from autograder.checks import trusted as T
 from autograder.checks.common import CheckFailure, call, diagnose, max_error, passed, show
 from autograder.checks.torch_refs import BOOL, F32, F64
+from autograder.grading.remote import current_remote, is_remote
 
 # ---------------------------------------------------------------------------------------------
 # References captured at import time (a student cell may rebind torch, numpy or os attributes).
@@ -1249,12 +1250,29 @@ def _judge(jobs: list[dict], statuses: list[dict], p: int, how: str) -> int:
     return count
 
 
-def _run_jobs(cls, jobs_by_p: dict) -> int:
+RANKS = "autograder.checks.ch09.run_jobs_on_ranks"
+
+
+def run_jobs_on_ranks(cls, p: int, jobs: list) -> dict:
+    """Run ``jobs`` on ``p`` ranks forked from the process where the student's class lives: what each rank saw.
+
+    Returns data only, ``{"statuses": [per rank], "how": str}``; the verdict is :func:`_judge`'s.
+    """
     _warm_up()
+    statuses, how = _run_ranks(p, lambda r, new_group: _rank_body(cls, jobs, r, p, new_group))
+    return {"statuses": statuses, "how": how}
+
+
+def _run_jobs(cls, jobs_by_p: dict) -> int:
     count = 0
     for p, jobs in jobs_by_p.items():
-        statuses, how = _run_ranks(p, lambda r, new_group, jobs=jobs, p=p: _rank_body(cls, jobs, r, p, new_group))
-        count += _judge(jobs, statuses, p, how)
+        if is_remote(cls):  # the ranks fork from the student's kernel; their outputs come back as data
+            reply = current_remote().probe(RANKS, cls, p, jobs)
+        else:
+            reply = run_jobs_on_ranks(cls, p, jobs)
+        if T._type(reply) is not T._dict or T._type(reply.get("statuses")) is not T._list or T._len(reply["statuses"]) != p:
+            raise CheckFailure(f"TensorParallelMultiHeadAttention on {p} ranks: the ranks did not report back.")
+        count += _judge(jobs, reply["statuses"], p, _str(reply.get("how", "")))
     return count
 
 

@@ -124,7 +124,11 @@ def _grad(fn, args, kwargs, output_index, grad_output, wrt_obj, wrt):
 # Classes of the course's checks the judge may have built in the kernel (objects it hands to student code).
 CONSTRUCTIBLE = {"autograder.checks.ch06.ReferenceKVCache"}
 # Parts of checks that must run where the student's code runs (a simulated device, patched clocks).
-PROBES = {"autograder.checks.ch07.simulate_benchmark"}
+PROBES = {
+    "autograder.checks.ch07.simulate_benchmark",
+    "autograder.checks.ch08.observe_call",
+    "autograder.checks.ch09.run_jobs_on_ranks",
+}
 MAX_RECORDS = 10_000
 
 
@@ -221,12 +225,45 @@ def _dispatch(op: str, req: dict):
     raise ValueError(f"unknown operation {op!r}")
 
 
+def _snapshot(req: dict) -> list:
+    """(where, tensor, copy) for each tensor argument at the top level of a call's args and kwargs."""
+    try:
+        import torch
+    except ImportError:
+        return []
+    out = []
+    for i, a in enumerate(req.get("args", ()) if type(req.get("args", ())) is tuple else ()):
+        if type(a) is torch.Tensor:
+            out.append((i, a, a.detach().clone()))
+    kwargs = req.get("kwargs", {})
+    for k, a in kwargs.items() if type(kwargs) is dict else ():
+        if type(a) is torch.Tensor:
+            out.append((str(k), a, a.detach().clone()))
+    return out
+
+
+def _changed(snapshots: list) -> list:
+    import torch
+
+    changed = []
+    for where, t, before in snapshots:
+        same = t.shape == before.shape and t.dtype == before.dtype and torch.equal(t.detach(), before)
+        if not same and not (
+            t.is_floating_point()
+            and torch.equal(t.detach().isnan(), before.isnan())
+            and torch.equal(torch.nan_to_num(t.detach()), torch.nan_to_num(before))
+        ):
+            changed.append((where, t.detach()))
+    return changed
+
+
 def serve(request: str) -> str:
     """Decode a request, do it, encode what came back (or the exception) as base64 text."""
     try:
         tree, arrays = wire.unpack(base64.b64decode(request))
         req = wire.Decoder(arrays, _resolve).decode(tree)
         op = req.pop("op")
+        snapshots = _snapshot(req)
         with warnings.catch_warnings(), contextlib.ExitStack() as stack:
             warnings.simplefilter("ignore")
             try:
@@ -238,6 +275,9 @@ def serve(request: str) -> str:
             value = _dispatch(op, req)
         enc = wire.Encoder(handle)
         reply = {"ok": enc.encode(value)}
+        changed = _changed(snapshots)
+        if changed:  # inputs the student's code changed in place: the judge sees them changed too
+            reply["mutated"] = enc.encode(changed)
     except BaseException as exc:  # noqa: BLE001  (every failure of student code goes back as data)
         name = _qualname(type(exc))
         try:

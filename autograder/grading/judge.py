@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from autograder.course import Chapter, Exercise
 from autograder.grading.remote import Remote, RemoteCallError, is_remote
 
-# Exercises whose checks run against kernel stand-ins (RemoteObject); the others still run in the
-# kernel (the grade says so in its flags) until their checks are ported.
-TRUSTED_CHAPTERS = {"ch01", "ch02", "ch03", "ch04", "ch05", "ch06", "ch07"}
+# Chapters whose checks run here against stand-ins for the kernel's objects (RemoteObject): every chapter
+# of this edition. A new chapter's checks must be written for it (see docs/authoring.md, "Checks and the
+# trust boundary") before it joins; until then its tests run in the kernel and its grades say so.
+TRUSTED_CHAPTERS = {"ch01", "ch02", "ch03", "ch04", "ch05", "ch06", "ch07", "ch08", "ch09"}
 
 
 def is_trusted(ex: Exercise) -> bool:

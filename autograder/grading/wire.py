@@ -189,7 +189,14 @@ class Encoder:
         data = torch.Tensor.detach(t).to("cpu")
         if name == "bfloat16":
             data = data.view(torch.int16)
-        return {"$t": self.array(data.contiguous().numpy()), "dtype": name, "rg": bool(t.requires_grad), "device": str(t.device)}
+        tree = {"dtype": name, "rg": bool(t.requires_grad), "device": str(t.device)}
+        # a permuted view of a dense buffer (a transpose, say) keeps its strides across: its data goes in memory order
+        perm = sorted(range(data.dim()), key=lambda i: -data.stride(i))
+        if data.dim() > 1 and perm != list(range(data.dim())) and data.permute(perm).is_contiguous() and 0 not in data.shape:
+            tree["perm"] = perm
+            data = data.permute(perm)
+        tree["$t"] = self.array(data.contiguous().numpy())
+        return tree
 
 
 # -- decoding -----------------------------------------------------------------------------
@@ -299,6 +306,12 @@ class Decoder:
             t = t.view(torch.bfloat16)
         elif str(t.dtype).removeprefix("torch.") != name:
             raise WireError(f"tensor data of dtype {t.dtype} labelled {name}")
+        perm = tree.get("perm")
+        if perm is not None:
+            if type(perm) is not list or sorted(perm) != list(range(t.dim())) or not all(type(i) is int for i in perm):
+                raise WireError("malformed tensor layout")
+            inverse = [perm.index(i) for i in range(t.dim())]
+            t = t.permute(inverse)
         if tree.get("rg") is True and t.is_floating_point():
             t.requires_grad_(True)
         return t
