@@ -127,15 +127,22 @@ def book_index() -> BookIndex:
 
 
 def toc_numbers(root: Path = ROOT) -> dict[str, int | None]:
-    """Every page of ``_toc.yml`` with the number the book gives it (numbering restarts in each part, as Sphinx does)."""
+    """Every page of ``_toc.yml`` with the number the book gives it.
+
+    Jupyter Book 1 numbers the pages of every numbered part in one sequence (the appendices after
+    nine chapters are 10, 11, 12: read from the built book); unnumbered parts get no number.
+    """
     import yaml
 
     toc = yaml.safe_load((root / "_toc.yml").read_text())
     pages: dict[str, int | None] = {toc["root"]: None}
+    n = 0
     for part in toc.get("parts", []) or [{"chapters": toc.get("chapters", []), "numbered": toc.get("numbered")}]:
-        for i, entry in enumerate(part.get("chapters", []) or [], start=1):
+        for entry in part.get("chapters", []) or []:
             if "file" in entry:
-                pages[re.sub(r"\.(md|ipynb)$", "", entry["file"])] = i if part.get("numbered") else None
+                if part.get("numbered"):
+                    n += 1
+                pages[re.sub(r"\.(md|ipynb)$", "", entry["file"])] = n if part.get("numbered") else None
     return pages
 
 

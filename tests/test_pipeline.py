@@ -8,6 +8,7 @@ hidden tests; (f) the book builds cleanly, shows no solution code, and has its f
 
 from __future__ import annotations
 
+import multiprocessing
 import re
 import subprocess
 import sys
@@ -67,7 +68,9 @@ def _grade_chapter(slug: str, workdir: str) -> dict[str, Report]:
 def graded(tmp_path_factory) -> dict[str, dict[str, Report]]:
     """Every chapter's submissions graded through nbgrader, two chapters at a time."""
     base = tmp_path_factory.mktemp("graded")
-    with ProcessPoolExecutor(max_workers=2) as pool:
+    # spawn, not fork: the judge computes torch references in these processes, and a fork of a process
+    # whose torch thread pool already ran can deadlock in its first parallel operation
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {c.slug: pool.submit(_grade_chapter, c.slug, str(base / c.slug)) for c in CHAPTERS}
         return {slug: f.result() for slug, f in futures.items()}
 

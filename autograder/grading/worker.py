@@ -312,6 +312,12 @@ def worker_main(index: int, opts: Options, conn) -> None:
     sandbox = None
     if not opts.figures:
         os.environ["MPLBACKEND"] = "agg"  # unsandboxed kernels inherit the worker's environment
+    try:  # the judge's references are small; the cores are the kernels'
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
     try:
         if opts.sandbox:
             from autograder.sandbox import Sandbox, SandboxUnavailable, activate
