@@ -18,14 +18,14 @@ def benchmark(fn, *args, warmup: int = 3, repeats: int = 20) -> dict:
     linear interpolation (``numpy.percentile``'s default).
 
     CUDA launches are asynchronous: ``fn`` returns as soon as its kernels are queued. When
-    ``torch.cuda.is_available()`` and at least one argument is a CUDA tensor (``a.is_cuda``), time
-    each call with CUDA events (``torch.cuda.Event(enable_timing=True)``, ``record``,
-    ``synchronize``, ``elapsed_time``) or with ``torch.cuda.synchronize()`` around
-    ``time.perf_counter()``, and synchronise after the warm-up. Otherwise (no CUDA, or CPU
-    arguments) time each call with ``time.perf_counter()`` alone, without touching ``torch.cuda``.
+    ``torch.cuda.is_available()`` (whatever the arguments: ``fn`` may be a closure over CUDA
+    tensors and take none), time each call with CUDA events (``torch.cuda.Event(enable_timing=True)``,
+    ``record``, ``synchronize``, ``elapsed_time``) or with ``torch.cuda.synchronize()`` around a
+    monotonic clock such as ``time.perf_counter()``, and synchronise after the warm-up. Without
+    CUDA, time each call with ``time.perf_counter()`` alone, without touching ``torch.cuda``.
     """
     ### BEGIN SOLUTION
-    on_cuda = torch.cuda.is_available() and any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+    on_cuda = torch.cuda.is_available()
     for _ in range(warmup):
         fn(*args)
     times = []

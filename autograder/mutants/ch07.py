@@ -11,7 +11,7 @@ from autograder.mutants import Mutant, edit
 
 BENCH_SYNC_TEMPLATE = """
 def benchmark(fn, *args, warmup=3, repeats=20):
-    cuda = torch.cuda.is_available() and any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+    cuda = torch.cuda.is_available()
     for _ in range(warmup):
         fn(*args)
     if cuda:
@@ -29,7 +29,7 @@ def benchmark(fn, *args, warmup=3, repeats=20):
 
 BENCH_EVENTS_TEMPLATE = """
 def benchmark(fn, *args, warmup=3, repeats=20):
-    cuda = torch.cuda.is_available() and any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+    cuda = torch.cuda.is_available()
     for _ in range(warmup):
         fn(*args)
     times = []
@@ -147,9 +147,15 @@ MUTANTS = [
         "benchmark",
         "any_tensor_means_cuda",
         "used torch.cuda on a machine without CUDA",
+        ("cuda = torch.cuda.is_available()", "cuda = any(isinstance(a, torch.Tensor) for a in args)"),
+    ),
+    _m(
+        "benchmark",
+        "cuda_argument_only",
+        "took the CPU path because no argument is a CUDA tensor",
         (
-            "torch.cuda.is_available() and any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)",
-            "any(isinstance(a, torch.Tensor) for a in args)",
+            "cuda = torch.cuda.is_available()",
+            "cuda = torch.cuda.is_available() and any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)",
         ),
     ),
     _m(
@@ -170,7 +176,7 @@ MUTANTS = [
         "benchmark",
         "is_cuda_on_every_arg",
         "not every argument is a tensor",
-        ("any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)", "any(a.is_cuda for a in args)"),
+        ("cuda = torch.cuda.is_available()", "cuda = torch.cuda.is_available() and any(a.is_cuda for a in args)"),
     ),
     # FusedMultiHeadAttention
     _m("FusedMultiHeadAttention", "qkv_split_order", "wrong order", ("q, k, v = qkv.split(", "k, q, v = qkv.split(")),
@@ -296,12 +302,7 @@ MUTANTS = [
     ),
 ]
 
-# The contract's rule: synchronise whenever torch.cuda.is_available() (fn may be a closure over CUDA tensors, with
-# no arguments). The checks' closure case (checks.ch07.CLOSURES_ON_CUDA) passes this template and fails the two above.
-BENCH_ANY_CUDA_TEMPLATE = edit(
-    BENCH_SYNC_TEMPLATE,
-    (
-        "cuda = torch.cuda.is_available() and any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)",
-        "cuda = torch.cuda.is_available()",
-    ),
-)
+# The contract's rule, which both templates follow: synchronise whenever torch.cuda.is_available() (fn may be a
+# closure over CUDA tensors, with no arguments). The mutant cuda_argument_only takes the CUDA path only for CUDA
+# arguments and fails the checks' closure case.
+BENCH_ANY_CUDA_TEMPLATE = BENCH_SYNC_TEMPLATE
