@@ -22,6 +22,14 @@ class CheckFailure(AssertionError):
     """A failed check, with a message meant for the student."""
 
 
+try:
+    from autograder.grading.remote import RemoteCallError as _RemoteCallError
+except ImportError:  # pragma: no cover
+
+    class _RemoteCallError(Exception):
+        pass
+
+
 def show(a: np.ndarray, limit: int = 160) -> str:
     """A short, readable rendering of an array for messages."""
     text = T.np_array2string(T.np_asarray(a), precision=4, threshold=12, edgeitems=2, max_line_width=100)
@@ -42,6 +50,8 @@ def call(fn: Callable, *args, label: str, **kwargs):
         raise CheckFailure(f"{label}: not implemented yet (the cell still raises NotImplementedError).") from None
     except CheckFailure:
         raise
+    except _RemoteCallError as exc:  # the kernel died, hung, or answered with something that is not data
+        raise CheckFailure(f"{label}: {exc}") from None
     except Exception as exc:  # noqa: BLE001  (any student error becomes a message)
         raise CheckFailure(f"{label} raised {T.type_name(exc)}: {exc}") from None
 

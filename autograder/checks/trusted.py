@@ -66,10 +66,11 @@ except ImportError:  # chapter 1 needs NumPy only
 
 def type_name(obj: object) -> str:
     t = _type(obj)
-    if t.__module__ == "autograder.grading.remote":  # a stand-in for an object in the student's kernel
-        from autograder.grading.remote import remote_type_name
+    if t.__module__ == "autograder.grading.remote":
+        from autograder.grading.remote import is_remote, remote_type_name
 
-        return remote_type_name(obj)
+        if is_remote(obj):  # a stand-in for an object in the student's kernel
+            return remote_type_name(obj)
     return f"{t.__module__}.{t.__qualname__}" if t.__module__ != "builtins" else t.__qualname__
 
 

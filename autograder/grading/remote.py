@@ -50,15 +50,17 @@ def _error_class(remote_type: str, mro: list) -> type:
     base = Exception
     for name in mro:
         builtin = name.removeprefix("builtins.")
-        if builtin in ("NotImplementedError", "ValueError", "TypeError", "IndexError", "KeyError", "AttributeError"):
-            base = {
-                "NotImplementedError": NotImplementedError,
-                "ValueError": ValueError,
-                "TypeError": TypeError,
-                "IndexError": IndexError,
-                "KeyError": KeyError,
-                "AttributeError": AttributeError,
-            }[builtin]
+        builtins_mapped = {
+            "NotImplementedError": NotImplementedError,
+            "ValueError": ValueError,
+            "TypeError": TypeError,
+            "IndexError": IndexError,
+            "KeyError": KeyError,
+            "AttributeError": AttributeError,
+            "NameError": NameError,
+        }
+        if builtin in builtins_mapped:
+            base = builtins_mapped[builtin]
             break
         if builtin in ("RuntimeError", "ArithmeticError", "LookupError"):
             base = RuntimeError
