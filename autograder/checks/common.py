@@ -197,4 +197,4 @@ def names_used_in_methods(cls: type, names: set[str]) -> list[str]:
 
 def passed(name: str, count: int, hidden: bool = False) -> None:
     kind = "hidden" if hidden else "visible"
-    print(f"\u2714 {name}: {count} {kind} checks passed")
+    print(f"\u2714 {name}: {count} {kind} check{'' if count == 1 else 's'} passed")

@@ -98,7 +98,7 @@ class SandboxedExecute(Execute):
     output_limit_kb = Integer(1024, help="Output kept per cell, in KiB; the rest is discarded.").tag(config=True)
     max_restarts = Integer(10, help="Kernel restarts per notebook after a crash or a stuck cell.").tag(config=True)
     success_pattern = Unicode(
-        r"\u2714 .*checks passed",
+        r"\u2714 .*checks? passed",
         help="A graded cell passes only if its stdout matches this (empty: no such requirement).",
     ).tag(config=True)
     harmless_stderr = Unicode(DEFAULT_HARMLESS_STDERR, help="stderr lines that do not fail a graded cell.").tag(config=True)

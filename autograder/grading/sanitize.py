@@ -268,6 +268,7 @@ _RISKY_TEXT = {
     "autograder": "names the course's grader in a string",
     "\u2714": "prints the checks' success mark",
     "checks passed": "prints the checks' success line",
+    "check passed": "prints the checks' success line",
     "AHH_HIDDEN_SALT": "reads the hidden tests' salt",
     "hidden_": "names the hidden tests in a string",
     "visible_": "names the visible tests in a string",
