@@ -12,6 +12,7 @@ cell does before any student code runs.
 
 from __future__ import annotations
 
+import ast
 import warnings
 
 import numpy as np
@@ -19,7 +20,8 @@ import torch
 
 from autograder.checks import torch_refs as R
 from autograder.checks import trusted as T
-from autograder.checks.common import CheckFailure, call, diagnose, max_error, passed, show
+from autograder.checks.common import CheckFailure, call, diagnose, max_error, passed, show, source_tree
+from autograder.checks.objects import watched_call
 from autograder.checks.torch_refs import BF16, BOOL, F16, F32, F64
 
 # ---------------------------------------------------------------------------------------------
@@ -211,6 +213,30 @@ def _ref_weights_error(q64, k64, mask, dtype, expected_w, live_rows) -> float:
     return max_error(w[live_rows], expected_w[live_rows]) if expected_w[live_rows].size else 0.0
 
 
+USES_TORCH_SDPA = (
+    "the exercise is to write attention yourself, and your function calls PyTorch's "
+    "F.scaled_dot_product_attention ({where}). Compute the scores, the mask, the softmax and the weighted sum "
+    "with matrix products and torch.softmax."
+)
+_TORCH_ATTENTION = {"scaled_dot_product_attention", "multi_head_attention_forward", "_scaled_dot_product_attention_math"}
+
+
+def _expect_no_torch_attention(sdpa, calls, label: str) -> None:
+    """PyTorch's own attention is the oracle, not a building block: judged from the exercise cell's source and
+    from the torch calls the function made (what the kernel reports)."""
+    tree = source_tree(sdpa)
+    in_source = [
+        f"line {node.lineno}"
+        for node in (ast.walk(tree) if tree is not None else ())
+        if (isinstance(node, ast.Attribute) and node.attr in _TORCH_ATTENTION)
+        or (isinstance(node, ast.alias) and node.name in _TORCH_ATTENTION)
+    ]
+    called = [c for c in calls if T._type(c) is T._dict and c.get("name") in _TORCH_ATTENTION]
+    if in_source or called:
+        where = ", ".join(in_source) if in_source else "called while it ran"
+        raise CheckFailure(f"{label}: {USES_TORCH_SDPA.format(where=where)}")
+
+
 def _check_sdpa_case(sdpa, q, k, v, mask=None, dtype=F64, note: str = "") -> None:
     """Run the student's function on (q, k, v, mask) at ``dtype`` and compare with float64."""
     shapes = f"q {T._tuple(q.shape)}, k {T._tuple(k.shape)}, v {T._tuple(v.shape)}"
@@ -222,7 +248,8 @@ def _check_sdpa_case(sdpa, q, k, v, mask=None, dtype=F64, note: str = "") -> Non
     args = [qt, kt, vt] + ([] if mask is None else [mt])
     given = [_as64(a) if R.dtype_of(a) != BOOL else _as_bool(a) for a in args]
 
-    result = call(sdpa, *args, label=label)
+    result, calls = call(_watched, sdpa, *args, label=label)
+    _expect_no_torch_attention(sdpa, calls, label)
     out, w = _unpack_pair(result, label=label)
     out = _expect_tensor(out, label=label, what="output (first element)")
     w = _expect_tensor(w, label=label, what="weights (second element)")
@@ -326,20 +353,21 @@ def _check_sdpa_case(sdpa, q, k, v, mask=None, dtype=F64, note: str = "") -> Non
 
 
 def _sdpa_call_hint(fn):
-    """Wrap the student's function so an fp16 overflow error names the -1e9 trap."""
+    """The student's function (the hint for an fp16 overflow is added where it is called, :func:`_watched`)."""
+    return fn
 
-    def wrapped(*args):
-        try:
-            return fn(*args)
-        except RuntimeError as exc:
-            if "overflow" in _str(exc):
-                raise RuntimeError(
-                    f"{exc}\n  Likely mistake: a large finite fill value such as -1e9 overflows float16 (its largest "
-                    "finite value is 65504). Fill masked scores with float('-inf') instead."
-                ) from None
-            raise
 
-    return wrapped
+def _watched(fn, *args):
+    """``watched_call(fn, *args)``; an fp16 overflow error names the -1e9 trap."""
+    try:
+        return watched_call(fn, *args)
+    except RuntimeError as exc:
+        if "overflow" in _str(exc):
+            raise RuntimeError(
+                f"{exc}\n  Likely mistake: a large finite fill value such as -1e9 overflows float16 (its largest "
+                "finite value is 65504). Fill masked scores with float('-inf') instead."
+            ) from None
+        raise
 
 
 def _rng(seed: int) -> np.random.Generator:

@@ -30,6 +30,7 @@ from autograder.checks.common import (
     show,
 )
 from autograder.checks.torch_refs import BOOL, F32, F64
+from autograder.grading.remote import is_remote
 
 # References captured at import time (the setup cell imports this module before student code).
 # Those most chapters share are in torch_refs (R.dtype_of, R.MHA, ...) and trusted (T.np_where, ...).
@@ -398,7 +399,7 @@ def _build(cls, e: int, h: int, *, dropout: float = 0.0, bias: bool = True, p: d
 
 
 def _check_built_by_hand(cls) -> None:
-    forbidden = _forbidden_names(cls) if _isinstance(cls, type) else []
+    forbidden = _forbidden_names(cls) if _isinstance(cls, type) or is_remote(cls) else []
     if forbidden:
         raise CheckFailure(
             "MultiHeadAttention: build the layer from split_heads, matrix products and a softmax; it uses PyTorch's own "

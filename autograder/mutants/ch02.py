@@ -336,4 +336,18 @@ MUTANTS = [
             return weights.to(dtype), (weights @ v).to(dtype)
     """,
     ),
+    Mutant(
+        "scaled_dot_product_attention",
+        "torch_sdpa_inside",
+        "F.scaled_dot_product_attention",
+        """
+        def scaled_dot_product_attention(q, k, v, mask=None):
+            scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).nan_to_num(0.0)
+            return out, weights
+    """,
+    ),
 ]
