@@ -193,3 +193,17 @@ def test_checks_give_the_same_verdicts_through_the_stand_ins(chapter, exercise, 
         messages = "\n".join(v.message for v in verdicts if not v.passed)
         assert messages, f"mutant {mutant.id} passes every check through the stand-ins"
         assert mutant.diagnosis.lower() in messages.lower(), f"no diagnosis {mutant.diagnosis!r} in:\n{messages}"
+
+
+def test_a_failure_caused_by_an_earlier_exercise_names_it():
+    """An unstable softmax (exercise 1) makes attend and dot_product_attention fail on large scores; their
+    messages say that softmax is the cause, in process and through the stand-ins."""
+    chapter = next(c for c in CHAPTERS if c.key == "ch01")
+    unstable = next(m for m in mutants_of("ch01") if m.name == "no_max_shift")
+    ns = namespace(chapter, replace={"softmax": unstable.code})
+    sources = solution_sources(chapter.solutions_module)
+    for ex in chapter.exercises[1:]:
+        direct = run_check(ex, ns, hidden=True)
+        judged = run_remote_check(ex, _remote(ns), _facts(sources[ex.name], ex.name), hidden=True)
+        for outcome in (direct, judged):
+            assert not outcome.passed and "it comes from your softmax (exercise 1)" in outcome.message, outcome.message

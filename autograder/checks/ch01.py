@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from autograder.checks import trusted as T
-from autograder.checks.common import CheckFailure, call, expect_close, expect_shape, loops_in, passed, to_float64
+from autograder.checks.common import CheckFailure, call, expect_close, expect_shape, loops_in, passed, sibling, to_float64
 
 ATOL = 1e-6
 
@@ -77,7 +77,8 @@ def visible_softmax(softmax) -> None:
     _check_softmax_case(softmax, np.array([[1.0, 2.0, 3.0], [1.0, 1.0, 1.0]]), -1)
     _check_softmax_case(softmax, np.array([[1.0, 2.0, 3.0], [4.0, 0.0, 1.0]]), 0)
     _check_softmax_case(softmax, np.array([10.0, -np.inf, 10.0]), -1, " containing -inf")
-    passed("softmax", 4)
+    _check_softmax_case(softmax, np.array([[1000.0, 999.0, -1000.0], [-800.0, -801.0, -803.0]]), -1, " and large scores")
+    passed("softmax", 5)
 
 
 def hidden_softmax(softmax, seed: int = 1) -> None:
@@ -135,6 +136,29 @@ def _unpack_pair(result, *, label: str, names: tuple[str, str]) -> tuple:
     return result
 
 
+def _blame_softmax(label: str, actual: np.ndarray, expected: np.ndarray, scores: np.ndarray, who: str) -> None:
+    """When ``actual`` has NaN or inf where the answer is finite, and the student's own softmax (exercise 1) gives
+    NaN or inf on these scores, say that the failure comes from softmax."""
+    if T.np_isfinite(actual).all() or not T.np_isfinite(expected).all():
+        return
+    softmax = sibling("softmax")
+    if softmax is None:
+        return
+    try:
+        weights = to_float64(
+            call(softmax, np.array(scores, copy=True), axis=-1, label="softmax"), label="softmax", allow_tensor=False
+        )
+    except CheckFailure:
+        return
+    if not T.np_isfinite(weights).all():
+        raise CheckFailure(
+            f"{label}: the result contains NaN or inf, and it comes from your softmax (exercise 1): on these scores "
+            f"(as large as {float(T.np_max(T.np_abs(scores))):.0f}) softmax returns NaN or inf, and {who} uses it.\n"
+            "  Likely mistake: softmax is not stable for large scores. Fix it first: subtract the maximum along `axis` "
+            "before exponentiating; its visible test has a case with large scores."
+        )
+
+
 def _check_attend_case(attend, q, k, v, note: str = "") -> None:
     label = f"attend(query, keys, values) with query {q.shape}, keys {k.shape}, values {v.shape}{note}"
     args = [np.array(a, copy=True) for a in (q, k, v)]
@@ -144,6 +168,8 @@ def _check_attend_case(attend, q, k, v, note: str = "") -> None:
     exp_out, exp_w = _attention64(q[None, :], k, v)
     if out.shape == exp_w[0].shape and w.shape == exp_out[0].shape and out.shape != w.shape:
         raise CheckFailure(f"{label}: the tuple is in the wrong order; return (output, weights).")
+    if w.shape == exp_w[0].shape:
+        _blame_softmax(label, w, exp_w[0], (q[None, :] @ k.T)[0], "attend")
     expect_close(
         w,
         exp_w[0],
@@ -196,6 +222,8 @@ def _check_dpa_case(dpa, q, k, v, note: str = "") -> None:
         raise CheckFailure(
             f"{label}: the weights should have shape (m, n) = {(m, n)}, one row per query; got {w.shape}, the transpose."
         )
+    if w.shape == exp_w.shape:
+        _blame_softmax(label, w, exp_w, q @ k.T, "dot_product_attention")
     expect_close(w, exp_w, label=label, what="weights", atol=ATOL, fingerprints=_attention_fingerprints(q, k, v, "w"))
     expect_shape(out, exp_out.shape, label=label, what="output")
     expect_close(out, exp_out, label=label, what="output", atol=ATOL, fingerprints=_attention_fingerprints(q, k, v, "out"))

@@ -8,6 +8,7 @@ matches the fingerprint of a known mistake, which mistake it is.
 from __future__ import annotations
 
 import ast
+import contextvars
 import inspect
 import textwrap
 import warnings
@@ -193,6 +194,24 @@ def names_used_in_methods(cls: type, names: set[str]) -> list[str]:
             if name in names:
                 found.append(f"{name} in {attr}")
     return found
+
+
+_namespace_var: contextvars.ContextVar = contextvars.ContextVar("student_namespace", default=None)
+
+
+def sibling(name: str):
+    """Another exercise's object where the student's code lives (the kernel in grading, the namespace in a
+    self-check), to say which earlier exercise a failure comes from; None when it is not defined."""
+    from autograder.grading.remote import current_remote
+
+    remote = current_remote()
+    if remote is not None:
+        try:
+            return remote.lookup(name)
+        except Exception:  # noqa: BLE001  (not defined there, or the kernel cannot answer)
+            return None
+    namespace = _namespace_var.get()
+    return namespace.get(name) if isinstance(namespace, Mapping) else None
 
 
 def passed(name: str, count: int, hidden: bool = False) -> None:

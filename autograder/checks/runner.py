@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
+from autograder.checks.common import _namespace_var
 from autograder.course import Chapter, Exercise, find_chapter
 
 
@@ -22,10 +23,13 @@ def run_check(ex: Exercise, namespace: dict, hidden: bool = False) -> Outcome:
     check = getattr(module, f"{'hidden' if hidden else 'visible'}_{ex.name}")
     if ex.name not in namespace:
         return Outcome(ex.name, hidden, False, f"`{ex.name}` is not defined: run its cell first.")
+    token = _namespace_var.set(namespace)  # lets a check name an earlier exercise a failure comes from
     try:
         check(namespace[ex.name])
     except AssertionError as exc:
         return Outcome(ex.name, hidden, False, str(exc))
+    finally:
+        _namespace_var.reset(token)
     return Outcome(ex.name, hidden, True, "")
 
 
