@@ -71,7 +71,7 @@ def prepare_course(out: Path, slugs: list[str], hidden_seed: str = DEFAULT_COURS
 
 
 def grading_sha(chapter, source: Path, hidden_seed: str = DEFAULT_COURSE_SEED) -> str:
-    """What a chapter's grades depend on: its test and locked cells, its checks' code, the hidden seed.
+    """What a chapter's grades depend on: its test and locked cells, its checks' and the judge's code, the hidden seed.
 
     Prose edits do not invalidate earlier grades; a changed test, setup cell, check or
     ``--hidden-seed`` does.
@@ -94,6 +94,11 @@ def grading_sha(chapter, source: Path, hidden_seed: str = DEFAULT_COURSE_SEED) -
         "autograder.checks.torch_refs",
         "autograder.checks.seeding",
         "autograder.checks",  # its __init__ wraps the hidden checks with the per-student seeds
+        "autograder.checks.objects",
+        "autograder.grading.judge",  # the trusted side of a verdict, and what crosses to the kernel
+        "autograder.grading.remote",
+        "autograder.grading.wire",
+        "autograder.grading.agent",
     ):
         h.update(Path(importlib.import_module(module).__file__).read_bytes())
     return h.hexdigest()
