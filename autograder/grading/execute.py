@@ -285,7 +285,8 @@ class SandboxedExecute(Execute):
             self._event(index, "flag", flag)
         if self._judge_broken is not None:
             self._event(index, self._judge_broken, verdict.message.splitlines()[0] if verdict.message else self._judge_broken)
-            cell.outputs[-1]["evalue"] += self._restart_note()
+            if cell.outputs and cell.outputs[-1].get("output_type") == "error":
+                cell.outputs[-1]["evalue"] += self._restart_note()
             run_sync(self._restart)(index)
         return cell
 
