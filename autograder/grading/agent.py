@@ -7,9 +7,10 @@ reaches :func:`serve` through an ``execute_request``'s ``user_expressions`` (eva
 plain ``eval``: no input or AST transformers, no cell of the notebook).
 
 The expression carries this module and :mod:`~autograder.grading.wire` as source
-(:func:`expression`) and runs them in a fresh namespace each time, so a notebook that
-replaced or rewrote the course's modules in the kernel (``sys.modules``, ``__code__``
-swaps, ``gc``) has not touched the code that answers; the table of objects lives on ``sys``.
+(:func:`expression`), built in a namespace of its own (once per kernel, kept on ``sys`` under
+the source's hash), so a notebook that replaced or rewrote the course's modules in the kernel
+(``sys.modules``, ``__code__`` swaps through ``gc``) has not touched the code that answers; the
+table of objects lives on ``sys`` too.
 """
 
 from __future__ import annotations
@@ -309,7 +310,16 @@ def expression(request: str) -> str:
             f"exec(compile({agent_src!r}, '<ahh-agent>', 'exec'), globals())\n"
         )
         _PROGRAM = base64.b64encode(zlib.compress(program.encode(), 6)).decode()
-    return (
+    import hashlib
+
+    key = hashlib.sha256(_PROGRAM.encode()).hexdigest()[:16]
+    # built once per kernel (compiling it costs about 5 ms) and kept under its hash on ``sys``, out of the
+    # way of the course's modules; a kernel that tampers with it there can only spoil its own answers
+    build = (
         "(lambda d: (exec(compile(__import__('zlib').decompress(__import__('base64').b64decode("
-        f"'{_PROGRAM}')), '<ahh-agent>', 'exec'), d), d['serve']('{request}'))[1])({{'__name__': 'ahh_agent'}})"
+        f"'{_PROGRAM}')), '<ahh-agent>', 'exec'), d), d['serve'])[1])({{'__name__': 'ahh_agent'}})"
+    )
+    return (
+        f"(lambda c: (c.get('{key}') or c.setdefault('{key}', {build}))('{request}'))"
+        "(__import__('sys').__dict__.setdefault('_ahh_agents', {}))"
     )

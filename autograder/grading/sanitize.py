@@ -262,6 +262,7 @@ _RISKY_CALLS = {
     "__array_function__": "overrides NumPy functions on its objects",
     "TorchFunctionMode": "intercepts torch functions",
     "_ahh_agent_state": "touches the grader's kernel agent",
+    "_ahh_agents": "touches the grader's kernel agent",
 }
 # Strings that only code aimed at the grader has a reason to hold.
 _RISKY_TEXT = {
