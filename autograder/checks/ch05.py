@@ -47,6 +47,8 @@ _isinstance = isinstance
 _getattr = getattr
 _hasattr = hasattr
 _vars = vars
+_cond = np.linalg.cond
+_max = max
 _lstsq = np.linalg.lstsq
 
 EPS = 1e-5
@@ -455,7 +457,9 @@ def _block_case(
             hint = "\n  Likely mistake: the heads are folded into the batch: view the weights as (B, H, L, L)."
         raise CheckFailure(f"{wlabel}: should have shape (B, H, L, L) = {(b, h, n, n)}, got {shape}.{hint}")
     wprints = {MISTAKES[m]: (lambda m=m: _oracle(p, x, h, variant=m, **args)[1]) for m in MISTAKES}
-    expect_close(w, exp_w, label=wlabel, what="per-head attention-weight tensor", atol=atol, fingerprints=wprints)
+    # the same budget as the output: float32 softmax rounding differs from the float32 oracle's by a few ulps of
+    # the scores, which large inputs make large (seen at 2.8e-5 against a 2e-5 estimate)
+    expect_close(w, exp_w, label=wlabel, what="per-head attention-weight tensor", atol=atol * 4, fingerprints=wprints)
     return out
 
 
@@ -570,9 +574,13 @@ def _read_back(label, y: np.ndarray, base: np.ndarray, bias: np.ndarray, rows: n
         a, target = rows[g][kept], y[g][kept] / scale - bias[kept]
         c = _lstsq(a, target, rcond=None)[0]
         residual = _float(T.np_max(T.np_abs(a @ c - target)))
-        tol = 1e-7 * (1 + T.np_abs(base[g]))
+        # The block's float64 arithmetic differs from this float64 oracle by rounding (about 1e-8 here), and
+        # the solve amplifies it by the condition number of the kept rows. Kept weights (w / (1 - p)) and
+        # undropped ones (w) differ by a third, so a loose tolerance still tells them apart.
+        amplification = _max(1.0, _float(_cond(a)))
+        tol = 1e-6 * amplification * (1 + T.np_abs(base[g]))
         zc = T.np_abs(c) <= tol
-        if residual > 1e-7 * (1 + _float(T.np_max(T.np_abs(target)))):
+        if residual > 1e-6 * amplification * (1 + _float(T.np_max(T.np_abs(target)))):
             raise CheckFailure(f"{label}: dropout acts in the wrong place.\n  Likely mistake: {DROPOUT_SITES[site]}")
         if not T.np_all(zc | (T.np_abs(c - base[g] * scale) <= tol)):
             if T.np_all(T.np_abs(c - base[g]) <= tol):
