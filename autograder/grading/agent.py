@@ -181,20 +181,12 @@ def _dispatch(op: str, req: dict):
     if op == "seed":
         _seed(int(req["seed"]))
         return None
-    if op == "probe":
+    if op in ("probe", "new"):  # one of the checks' own functions or classes, by its allow-listed name
         import importlib
 
-        name = str(req["name"])
-        if name not in PROBES:
-            raise ValueError(f"the judge may not run {name} here")
-        module, _, attr = name.rpartition(".")
-        return getattr(importlib.import_module(module), attr)(*req.get("args", ()), **req.get("kwargs", {}))
-    if op == "new":
-        import importlib
-
-        name = str(req["cls"])
-        if name not in CONSTRUCTIBLE:
-            raise ValueError(f"the judge may not build a {name} here")
+        name, allowed = (str(req["name"]), PROBES) if op == "probe" else (str(req["cls"]), CONSTRUCTIBLE)
+        if name not in allowed:
+            raise ValueError(f"the judge may not use {name} here")
         module, _, attr = name.rpartition(".")
         return getattr(importlib.import_module(module), attr)(*req.get("args", ()), **req.get("kwargs", {}))
     target = req["target"]
