@@ -393,21 +393,26 @@ def _masked(case: dict, scores: np.ndarray, variant: str = "") -> tuple[np.ndarr
     return scores, allowed
 
 
+def _projected(params: dict, case: dict, cols) -> list[np.ndarray]:
+    """The query, key and value inputs through the features ``cols`` of W_q, W_k and W_v (and their biases):
+    three (B, T, len(cols)) arrays."""
+    w, b = params["in_proj_weight"], params.get("in_proj_bias")
+    e = case["query"].shape[-1]
+    out = []
+    for offset, x in zip((0, e, 2 * e), (case["query"], case["key"], case["value"]), strict=True):
+        y = x @ w[offset + cols].T
+        out.append(y if b is None else y + b[offset + cols])
+    return out
+
+
 def _heads_out(params: dict, case: dict, heads_idx: list[int], h: int, variant: str = "") -> np.ndarray:
     """Attention outputs (B, L, len(heads_idx)*D) of the given heads, written out in float64."""
-    q_in, k_in, v_in = case["query"], case["key"], case["value"]
-    e = q_in.shape[-1]
+    e = case["query"].shape[-1]
     d = e // h
-    w = params["in_proj_weight"]
-    b = params.get("in_proj_bias")
     cols = _features(heads_idx, d)
     n_heads = T._len(heads_idx)
     if variant == "all_heads_local":  # the rank's features split into all h heads
         d, n_heads = T._len(cols) // h, h
-
-    def proj(x, offset):
-        out = x @ w[offset + cols].T
-        return out if b is None else out + b[offset + cols]
 
     def split(a):
         bsz, t, _ = a.shape
@@ -415,7 +420,7 @@ def _heads_out(params: dict, case: dict, heads_idx: list[int], h: int, variant: 
             return a.reshape(bsz, n_heads, t, d)
         return a.reshape(bsz, t, n_heads, d).transpose(0, 2, 1, 3)
 
-    q, k, v = split(proj(q_in, 0)), split(proj(k_in, e)), split(proj(v_in, 2 * e))
+    q, k, v = (split(a) for a in _projected(params, case, cols))
     scale = {"scale_local_width": 1 / T.sqrt(T._len(cols)), "scale_embed": 1 / T.sqrt(e), "no_scale": 1.0}.get(
         variant, 1 / T.sqrt(d)
     )
@@ -442,17 +447,13 @@ def _heads_backward(params: dict, case: dict, heads_idx: list[int], h: int, grad
     cols = _features(heads_idx, d)
     n = T._len(cols)
 
-    def proj(x, offset):
-        out = x @ w[offset + cols].T
-        return out if b is None else out + b[offset + cols]
-
     def split(a):  # (B, T, n) -> (B, h_r, T, D)
         return a.reshape(a.shape[0], a.shape[1], n // d, d).transpose(0, 2, 1, 3)
 
     def merge(a):  # (B, h_r, T, D) -> (B, T, n)
         return a.transpose(0, 2, 1, 3).reshape(a.shape[0], a.shape[2], n)
 
-    q, k, v = split(proj(q_in, 0)), split(proj(k_in, e)), split(proj(v_in, 2 * e))
+    q, k, v = (split(a) for a in _projected(params, case, cols))
     scale = 1 / T.sqrt(d)
     scores, allowed = _masked(case, (q @ k.transpose(0, 1, 3, 2)) * scale)
     weights = _softmax_rows(scores, allowed)
