@@ -11,12 +11,12 @@ from __future__ import annotations
 import builtins
 
 import torch
-import torch.nn as nn
 
+from autograder.checks import torch_refs as R
 from autograder.grading.remote import current_remote, is_remote, remote_grad, remote_watch
 
-_module_to = nn.Module.to
-_named_parameters = nn.Module.named_parameters
+# ``module.to(...)`` on either kind of module (torch_refs' captured method, or the stand-in's own); returns it
+module_to = R.module_to
 _copy_ = torch._C.TensorBase.copy_
 _no_grad = torch.no_grad
 _autograd_grad = torch.autograd.grad
@@ -25,17 +25,9 @@ _Tensor = torch.Tensor
 _type = builtins.type
 
 
-def module_to(module, *args, **kwargs):
-    """``module.to(...)``; returns the module."""
-    if is_remote(module):
-        return module.to(*args, **kwargs)
-    return _module_to(module, *args, **kwargs)
-
-
 def parameter_names(module) -> set[str]:
     """Names of the registered parameters (``"W_q.weight"``, ...)."""
-    items = module.named_parameters() if is_remote(module) else _named_parameters(module)
-    return {name for name, _ in items}
+    return {name for name, _ in R.named_parameters(module)}
 
 
 def _path(obj, path: str):
