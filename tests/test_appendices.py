@@ -72,7 +72,7 @@ QUOTED_DIAGNOSES = [
     ("ch01", "over the queries"),
     ("ch01", "values instead of the keys"),
     ("ch07", "scaled by 1/sqrt(embed_dim): each head's scores are dot products of D = E/H features"),
-    ("ch09", "scaled the scores by 1/sqrt(E/p), the width of the rank's slice. The scale is per head: 1/sqrt(head_dim)"),
+    ("ch10", "scaled the scores by 1/sqrt(E/p), the width of the rank's slice. The scale is per head: 1/sqrt(head_dim)"),
     ("ch07", "counted L * L instead of L * S: the score matrix is L queries by S keys."),
     ("ch08", "created a tensor as large as the whole (L, S) score matrix"),
 ]

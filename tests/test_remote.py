@@ -170,7 +170,7 @@ def _facts(code: str, name: str) -> CellFacts:
 def _params():
     params = []
     for chapter in CHAPTERS:
-        marks = [pytest.mark.slow] if chapter.key in ("ch08", "ch09") else []  # Triton's interpreter; forked ranks
+        marks = [pytest.mark.slow] if chapter.key in ("ch08", "ch09", "ch10") else []  # Triton's interpreter; forked ranks
         for ex in chapter.exercises:
             params.append(pytest.param(chapter, ex, None, id=f"{chapter.key}-{ex.name}", marks=marks))
         for i, m in enumerate(mutants_of(chapter.key)):

@@ -1,4 +1,4 @@
-"""Chapter 9 beyond the generic tests: the solution on 1 to 4 real gloo ranks against
+"""Chapter 10 beyond the generic tests: the solution on 1 to 4 real gloo ranks against
 ``nn.MultiheadAttention``, forward and backward (input, weight and bias gradients; default and
 non-default groups), ``shard_heads`` properties, the checks' oracles against PyTorch and its
 autograd, the checks' fallback and failure modes, the mutant templates, and the numbers the
@@ -19,14 +19,14 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 from conftest import namespace
 
-from autograder.checks import ch09 as checks
+from autograder.checks import ch10 as checks
 from autograder.checks.runner import run_check
 from autograder.course import ROOT, find_chapter
-from autograder.mutants import ch09 as mutants
+from autograder.mutants import ch10 as mutants
 from autograder.notebook_format import read
-from solutions.ch09_heads_across_devices import TensorParallelMultiHeadAttention, shard_heads
+from solutions.ch10_heads_across_devices import TensorParallelMultiHeadAttention, shard_heads
 
-CHAPTER = find_chapter("09")
+CHAPTER = find_chapter("10")
 TIMEOUT_S = 30
 
 
@@ -440,7 +440,7 @@ def test_checks_survive_a_notebook_that_patches_all_reduce(monkeypatch):
 
 
 def test_checks_never_import_solutions():
-    for name in ("checks/ch09.py", "mutants/ch09.py"):
+    for name in ("checks/ch10.py", "mutants/ch10.py"):
         assert "solutions" not in (ROOT / "autograder" / name).read_text().replace("``solutions/``", "")
 
 

@@ -1,7 +1,7 @@
-"""Mutants of chapter 9: wrong shard_heads and TensorParallelMultiHeadAttention.
+"""Mutants of chapter 10: wrong shard_heads and TensorParallelMultiHeadAttention.
 
 Each mutant is a template (a correct implementation written independently of ``solutions/``) with
-one realistic mistake edited in; ``tests/test_ch09.py`` proves that every template passes every
+one realistic mistake edited in; ``tests/test_ch10.py`` proves that every template passes every
 check, so each mutant fails for its own mistake only.
 """
 

@@ -1,4 +1,4 @@
-"""Checks for chapter 9, heads across devices (tensor-parallel multi-head attention).
+"""Checks for chapter 10, heads across devices (tensor-parallel multi-head attention).
 
 Oracles, all computed here and never taken from ``solutions/``:
 
@@ -6,7 +6,7 @@ Oracles, all computed here and never taken from ``solutions/``:
   rows of head j are j*D .. (j+1)*D - 1, key rows E + ..., value rows 2E + ...), and compared
   exactly (slicing does not round).
 * ``TensorParallelMultiHeadAttention``: multi-head attention written out in float64 NumPy with
-  the full weights, forward and backward (softmax's backward by hand); ``tests/test_ch09.py``
+  the full weights, forward and backward (softmax's backward by hand); ``tests/test_ch10.py``
   proves both equal ``nn.MultiheadAttention`` and its autograd. The layer runs on 1 to 4 real
   ranks: processes forked from the grading kernel (so a class defined in a notebook cell is
   inherited, nothing is imported), joined in a gloo process group over a ``FileStore`` in a fresh
@@ -437,7 +437,7 @@ def _heads_backward(params: dict, case: dict, heads_idx: list[int], h: int, grad
 
     Returns (parameter gradients in the full layer's layout, zero outside these heads and for the
     output bias; [d query input, d key input, d value input]). Written out by hand: softmax's
-    backward dS = P * (dP - rowsum(dP * P)); ``tests/test_ch09.py`` proves it equals autograd.
+    backward dS = P * (dP - rowsum(dP * P)); ``tests/test_ch10.py`` proves it equals autograd.
     """
     q_in, k_in, v_in = case["query"], case["key"], case["value"]
     e = q_in.shape[-1]
@@ -860,7 +860,7 @@ def _run_forked_once(p: int, body, failed=None, deadline: float | None = None) -
             "process). The checks start their own ranks: restart the kernel and run the cells again without calling "
             "init_process_group outside a worker function."
         )
-    tmp = _mkdtemp(prefix="ch09-ranks-")
+    tmp = _mkdtemp(prefix="ch10-ranks-")
     pids = []
     try:
         with T.np_errstate(all="ignore"):
@@ -1251,7 +1251,7 @@ def _judge(jobs: list[dict], statuses: list[dict], p: int, how: str) -> int:
     return count
 
 
-RANKS = "autograder.checks.ch09.run_jobs_on_ranks"
+RANKS = "autograder.checks.ch10.run_jobs_on_ranks"
 
 
 def run_jobs_on_ranks(cls, p: int, jobs: list) -> dict:

@@ -1,4 +1,4 @@
-"""Chapter 9: heads across devices, Megatron-style tensor parallelism of multi-head attention (PyTorch)."""
+"""Chapter 10: heads across devices, Megatron-style tensor parallelism of multi-head attention (PyTorch)."""
 
 import math
 
