@@ -1,93 +1,18 @@
 """Mutants of chapter 8: wrong tiled_attention (online softmax in PyTorch) and flash_attention (Triton).
 
-Each mutant is a template (a correct implementation written independently of ``solutions/``)
-with one realistic mistake edited in; ``tests/test_ch08.py`` proves that every template passes
-every check, so each mutant fails for its own mistake only.
+Each mutant is a template (the correct implementations of :mod:`autograder.provided.ch08`, written
+independently of ``solutions/``, which chapter 9 imports) with one realistic mistake edited in;
+``tests/test_ch08.py`` proves that every template passes every check, so each mutant fails for its own
+mistake only.
 """
+
+import inspect
 
 from autograder.mutants import Mutant
+from autograder.provided import ch08 as provided
 
-TILED_TEMPLATE = """
-def tiled_attention(q, k, v, block_size=64, causal=False):
-    out_dtype = q.dtype
-    ft = torch.float64 if q.dtype == torch.float64 else torch.float32
-    q, k, v = q.to(ft), k.to(ft), v.to(ft)
-    L, S, d = q.shape[-2], k.shape[-2], q.shape[-1]
-    m = torch.full(q.shape[:-1], -math.inf, dtype=ft)
-    l = torch.zeros(q.shape[:-1], dtype=ft)
-    acc = torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=ft)
-    rows = torch.arange(L).view(L, 1)
-    for j0 in range(0, S, block_size):
-        kb, vb = k[..., j0:j0 + block_size, :], v[..., j0:j0 + block_size, :]
-        s = q @ kb.transpose(-1, -2) / math.sqrt(d)
-        if causal:
-            cols = torch.arange(j0, j0 + kb.shape[-2]).view(1, -1)
-            s = s.masked_fill(cols > rows + (S - L), -math.inf)
-        m_new = torch.maximum(m, s.max(dim=-1).values)
-        m_ok = m_new.masked_fill(torch.isinf(m_new), 0.0)
-        p = torch.exp(s - m_ok[..., None])
-        corr = torch.exp(m - m_ok)
-        l = l * corr + p.sum(-1)
-        acc = acc * corr[..., None] + p @ vb
-        m = m_new
-    out = acc / l.clamp_min(1e-300 if ft == torch.float64 else 1e-30)[..., None]
-    lse = m + torch.log(l)
-    return out.to(out_dtype), lse
-"""
-
-FLASH_TEMPLATE = """
-def flash_attention(q, k, v, causal=False):
-    if not hasattr(flash_attention, "compiled"):
-
-        @triton.jit
-        def attn_fwd(Q, K, V, O, sb, sh, sl, kb, kh, ks, H, L, S, D, scale,
-                     IS_CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr):
-            pid_m = tl.program_id(0)
-            pid_bh = tl.program_id(1)
-            bi = pid_bh // H
-            hi = pid_bh % H
-            rows = pid_m * BM + tl.arange(0, BM)
-            dims = tl.arange(0, DP)
-            q = tl.load(Q + bi * sb + hi * sh + rows[:, None] * sl + dims[None, :],
-                        mask=(rows[:, None] < L) & (dims[None, :] < D), other=0.0)
-            m = tl.zeros([BM], dtype=tl.float32) - float("inf")
-            l = tl.zeros([BM], dtype=tl.float32)
-            acc = tl.zeros([BM, DP], dtype=tl.float32)
-            for n0 in range(0, S, BN):
-                cols = n0 + tl.arange(0, BN)
-                kt = tl.load(K + bi * kb + hi * kh + cols[None, :] * ks + dims[:, None],
-                             mask=(cols[None, :] < S) & (dims[:, None] < D), other=0.0)
-                vv = tl.load(V + bi * kb + hi * kh + cols[:, None] * ks + dims[None, :],
-                             mask=(cols[:, None] < S) & (dims[None, :] < D), other=0.0)
-                s = tl.dot(q, kt, input_precision="ieee") * scale
-                ok = cols[None, :] < S
-                if IS_CAUSAL:
-                    ok = ok & (cols[None, :] <= rows[:, None] + (S - L))
-                s = tl.where(ok, s, float("-inf"))
-                m_new = tl.maximum(m, tl.max(s, axis=1))
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.exp(s - m_use[:, None])
-                corr = tl.exp(m - m_use)
-                l = l * corr + tl.sum(p, axis=1)
-                acc = acc * corr[:, None] + tl.dot(p, vv.to(tl.float32), input_precision="ieee")
-                m = m_new
-            acc = acc / tl.where(l > 0, l, 1.0)[:, None]
-            o_ptrs = O + bi * sb + hi * sh + rows[:, None] * sl + dims[None, :]
-            tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=(rows[:, None] < L) & (dims[None, :] < D))
-
-        flash_attention.compiled = attn_fwd
-
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    B, H, L, D = q.shape
-    S = k.shape[2]
-    DP = max(16, triton.next_power_of_2(D))
-    o = torch.empty_like(q)
-    grid = (triton.cdiv(L, 16), B * H)
-    flash_attention.compiled[grid](q, k, v, o, q.stride(0), q.stride(1), q.stride(2),
-                                   k.stride(0), k.stride(1), k.stride(2), H, L, S, D, 1.0 / math.sqrt(D),
-                                   IS_CAUSAL=causal, BM=16, BN=16, DP=DP)
-    return o
-"""
+TILED_TEMPLATE = inspect.getsource(provided.tiled_attention)
+FLASH_TEMPLATE = inspect.getsource(provided.flash_attention)
 
 TEMPLATES = {"tiled_attention": TILED_TEMPLATE, "flash_attention": FLASH_TEMPLATE}
 
@@ -108,11 +33,8 @@ def _edits(template: str, *pairs: tuple[str, str]) -> str:
 
 T, FL = TILED_TEMPLATE, FLASH_TEMPLATE
 _TOP_LEFT_LOOP = (  # the causal loop over key tiles bounded top-left: min(S, (tile + 1) * BM), without S - L
-    "            for n0 in range(0, S, BN):\n",
-    "            hi_n = S\n"
-    "            if IS_CAUSAL:  # the last key tile this query tile can see\n"
-    "                hi_n = tl.minimum(S, (pid_m + 1) * BM)\n"
-    "            for n0 in range(0, hi_n, BN):\n",
+    "hi_n = tl.minimum(S, (pid_m + 1) * BM + S - L)",
+    "hi_n = tl.minimum(S, (pid_m + 1) * BM)",
 )
 
 MUTANTS = [
@@ -233,27 +155,38 @@ def tiled_attention(q, k, v, block_size=64, causal=False):
         _edits(
             T,
             ("for j0 in range(0, S, block_size):", "for j0 in range(0, S, 64):  # tiles of 64 keys"),
-            ("k[..., j0:j0 + block_size, :], v[..., j0:j0 + block_size, :]", "k[..., j0:j0 + 64, :], v[..., j0:j0 + 64, :]"),
+            (
+                "k[..., j0 : j0 + block_size, :], v[..., j0 : j0 + block_size, :]",
+                "k[..., j0 : j0 + 64, :], v[..., j0 : j0 + 64, :]",
+            ),
         ),
     ),
     Mutant(
         "tiled_attention",
         "running_max_starts_at_zero",
         "the running max must be each query row's own max",
-        _edit(T, "m = torch.full(q.shape[:-1], -math.inf, dtype=ft)", "m = torch.zeros(q.shape[:-1], dtype=ft)"),
+        _edit(
+            T,
+            "m = torch.full(q.shape[:-1], -math.inf, dtype=ft, device=q.device)",
+            "m = torch.zeros(q.shape[:-1], dtype=ft, device=q.device)",
+        ),
     ),
     Mutant(
         "tiled_attention",
         "causal_mask_with_positions_inside_the_block",
         "key positions inside the tile",
-        _edit(T, "cols = torch.arange(j0, j0 + kb.shape[-2]).view(1, -1)", "cols = torch.arange(kb.shape[-2]).view(1, -1)"),
+        _edit(
+            T,
+            "cols = torch.arange(j0, j0 + kb.shape[-2], device=q.device).view(1, -1)",
+            "cols = torch.arange(kb.shape[-2], device=q.device).view(1, -1)",
+        ),
     ),
     # ----------------------------------------------------------------- flash_attention
     Mutant(
         "flash_attention",
         "forgets_to_rescale_accumulator",
         "forgot to rescale the accumulator",
-        _edit(FL, "acc = acc * corr[:, None] + tl.dot", "acc = acc + tl.dot"),
+        _edit(FL, "acc = acc * corr[:, None] + tl.dot", "acc = acc + tl.dot", count=2),
     ),
     Mutant(
         "flash_attention",
@@ -271,7 +204,12 @@ def tiled_attention(q, k, v, block_size=64, causal=False):
         "flash_attention",
         "top_left_causal_mask",
         "top-left causal mask",
-        _edit(FL, "cols[None, :] <= rows[:, None] + (S - L)", "cols[None, :] <= rows[:, None]"),
+        _edits(  # the mask and both loop bounds, all top-left
+            FL,
+            ("cols[None, :] <= rows[:, None] + (S - L)", "cols[None, :] <= rows[:, None]"),
+            ("hi_n = tl.minimum(S, (pid_m + 1) * BM + S - L)", "hi_n = tl.minimum(S, (pid_m + 1) * BM)"),
+            ("tl.maximum(pid_m * BM + S - L + 1, 0)", "tl.maximum(pid_m * BM + 1, 0)"),
+        ),
     ),
     Mutant(
         "flash_attention",
@@ -323,7 +261,7 @@ def tiled_attention(q, k, v, block_size=64, causal=False):
         "loaded k and v with q's strides",
         _edits(
             FL,
-            ("    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()\n", ""),
+            ("t.shape[-2], D).contiguous() for t in", "t.shape[-2], D) for t in"),
             ("k.stride(0), k.stride(1), k.stride(2)", "q.stride(0), q.stride(1), q.stride(2)"),
         ),
     ),
@@ -337,7 +275,7 @@ def tiled_attention(q, k, v, block_size=64, causal=False):
         "flash_attention",
         "grid_ignores_heads",
         "never wrote some entries of the output",
-        _edit(FL, "grid = (triton.cdiv(L, 16), B * H)", "grid = (triton.cdiv(L, 16), B)"),
+        _edit(FL, "grid = (triton.cdiv(L, BM), B * H)", "grid = (triton.cdiv(L, BM), B)"),
     ),
     Mutant(
         "flash_attention",
@@ -356,22 +294,23 @@ def tiled_attention(q, k, v, block_size=64, causal=False):
         "calls_pytorch_sdpa",
         "not call PyTorch's SDPA",
         """
-def flash_attention(q, k, v, causal=False):
+def flash_attention(q, k, v, causal=False, return_lse=False):
     # Right numbers, wrong exercise: PyTorch does the work, no Triton kernel runs.
     L, S = q.shape[-2], k.shape[-2]
     mask = torch.ones(L, S, dtype=torch.bool, device=q.device).tril(S - L) if causal else None
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if not return_lse:
+        return out
+    scores = (q.float() @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~mask, -math.inf) if causal else (
+        q.float() @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1]))
+    return out, torch.logsumexp(scores, dim=-1)
 """,
     ),
 ]
 
 # Kernels with GPU-sized tiles (128 query rows): on inputs of at most 48 queries they have one query tile, so the
 # mistakes below passed every check until the hidden checks added L > 256.
-_BIG = _edits(
-    FL,
-    ("grid = (triton.cdiv(L, 16), B * H)", "grid = (triton.cdiv(L, 128), B * H)"),
-    ("IS_CAUSAL=causal, BM=16, BN=16, DP=DP)", "IS_CAUSAL=causal, BM=128, BN=64, DP=DP)"),
-)
+_BIG = _edit(FL, "BM, BN, warps, stages = 16, 16, 4, 1", "BM, BN, warps, stages = 128, 64, 4, 1")
 TEMPLATES_BIG_TILES = {"flash_attention": _BIG}
 MUTANTS += [
     Mutant(
@@ -403,6 +342,6 @@ MUTANTS += [
         "flash_attention",
         "grid_counts_larger_tiles_than_the_kernel",
         "never wrote some entries of the output",
-        _edit(_BIG, "BM=128, BN=64, DP=DP)", "BM=64, BN=64, DP=DP)"),
+        _edit(_BIG, "IS_CAUSAL=causal, BM=BM,", "IS_CAUSAL=causal, BM=64,"),
     ),
 ]
