@@ -47,12 +47,15 @@ STATE = Path(".grading") / "state.json"
 # -- the course directory --------------------------------------------------------------
 
 
-def prepare_course(out: Path, slugs: list[str], hidden_seed: str = DEFAULT_COURSE_SEED) -> dict[str, str]:
-    """Write ``source/`` and run ``generate_assignment`` for chapters whose source changed; WAL on."""
-    from autograder.grading.gradebook import configure_sqlite, enable_wal
-    from autograder.release import generate_assignment, write_source
+def prepare_course(out: Path, slugs: list[str], hidden_seed: str = DEFAULT_COURSE_SEED, db: str | None = None) -> dict[str, str]:
+    """Write ``source/`` and run ``generate_assignment`` (into the gradebook at ``db``, default
+    ``OUT/gradebook.db``) for chapters whose source changed; WAL on for SQLite. Returns
+    ``{slug: grading_sha}``."""
+    from autograder.grading.gradebook import configure_sqlite, db_url, enable_wal, has_assignment, is_sqlite
+    from autograder.release import write_source
 
     configure_sqlite()
+    url = db_url(out, db)
     state_file = out / STATE
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
     shas = {}
@@ -61,13 +64,29 @@ def prepare_course(out: Path, slugs: list[str], hidden_seed: str = DEFAULT_COURS
         path = write_source(chapter, out)
         sha = hashlib.sha256(path.read_bytes()).hexdigest()
         released = out / "release" / slug / f"{slug}.ipynb"
-        if state.get(slug) != sha or not released.exists() or not (out / "gradebook.db").exists():
-            generate_assignment(chapter, out)
-            state[slug] = sha
+        key = slug if not db else f"{slug}@{hashlib.sha256(url.encode()).hexdigest()[:12]}"
+        if state.get(key) != sha or not released.exists() or not has_assignment(url, slug):
+            _generate_assignment(chapter, out, url)
+            state[key] = sha
             write_json_atomic(state_file, state)
         shas[slug] = grading_sha(chapter, path, hidden_seed)
-    enable_wal(out / "gradebook.db")
+    if is_sqlite(url):
+        enable_wal(out / "gradebook.db" if not db else Path(url.split(":///", 1)[1]))
     return shas
+
+
+def _generate_assignment(chapter, out: Path, url: str) -> None:
+    """nbgrader's ``generate_assignment`` into the gradebook at ``url`` (fills it with the cells' checksums)."""
+    from nbgrader.apps import NbGraderAPI
+    from nbgrader.coursedir import CourseDirectory
+
+    from autograder.nbgrader_config import nbgrader_config
+
+    c = nbgrader_config(out)
+    c.CourseDirectory.db_url = url
+    result = NbGraderAPI(CourseDirectory(config=c), config=c).generate_assignment(chapter.slug, force=True, create=True)
+    if not result["success"]:
+        raise RuntimeError(f"nbgrader generate_assignment failed for {chapter.slug}:\n{result['error']}\n{result['log']}")
 
 
 def grading_sha(chapter, source: Path, hidden_seed: str = DEFAULT_COURSE_SEED) -> str:
@@ -104,28 +123,6 @@ def grading_sha(chapter, source: Path, hidden_seed: str = DEFAULT_COURSE_SEED) -
     return h.hexdigest()
 
 
-def graded_pairs(out: Path) -> set[tuple[str, str]]:
-    """(assignment, student) pairs whose every grade cell has a score in the gradebook."""
-    import sqlite3
-
-    db = out / "gradebook.db"
-    if not db.exists():
-        return set()
-    con = sqlite3.connect(str(db), timeout=60)
-    try:
-        rows = con.execute(
-            """SELECT a.name, sa.student_id,
-                      SUM(CASE WHEN g.auto_score IS NULL AND g.manual_score IS NULL THEN 1 ELSE 0 END), COUNT(g.id)
-               FROM submitted_assignment sa JOIN assignment a ON sa.assignment_id = a.id
-               JOIN submitted_notebook sn ON sn.assignment_id = sa.id
-               JOIN grade g ON g.notebook_id = sn.id
-               GROUP BY a.name, sa.student_id"""
-        ).fetchall()
-    finally:
-        con.close()
-    return {(a, s) for a, s, missing, count in rows if missing == 0 and count > 0}
-
-
 def load_result(out: Path, sub: Submission) -> dict | None:
     path = result_path(out, sub.assignment, sub.student)
     try:
@@ -135,14 +132,17 @@ def load_result(out: Path, sub: Submission) -> dict | None:
 
 
 def is_done(out: Path, sub: Submission, source_sha: str, pairs: set) -> bool:
+    """Graded (or given up on: ``crashed``) with these files and this chapter source, its rows and pages in place."""
     r = load_result(out, sub)
-    if r is None or r.get("status") not in ("graded", "ungradable"):
+    if r is None or r.get("status") not in ("graded", "ungradable", "crashed"):
         return False
     if r.get("input_sha") != sub.sha256 or r.get("source_sha") != source_sha:
         return False
+    feedback = out / "feedback" / sub.student / sub.assignment / f"{sub.assignment}.html"
+    if r["status"] == "crashed":  # no gradebook rows: nothing was graded
+        return feedback.exists()
     if (sub.assignment, sub.student) not in pairs:
         return False
-    feedback = out / "feedback" / sub.student / sub.assignment / f"{sub.assignment}.html"
     autograded = out / "autograded" / sub.student / sub.assignment / f"{sub.assignment}.ipynb"
     return feedback.exists() and (r["status"] == "ungradable" or autograded.exists())
 
@@ -151,38 +151,49 @@ def is_done(out: Path, sub: Submission, source_sha: str, pairs: set) -> bool:
 
 
 class Progress:
-    """A one-line progress bar on stderr (a line every few seconds when stderr is not a terminal)."""
+    """One progress line on stderr for the whole run, local or on a cluster (a line every few seconds
+    when stderr is not a terminal): submissions done, not full marks, failures, and per-worker counts."""
 
     def __init__(self, total: int, quiet: bool = False):
-        self.total, self.done, self.failed = total, 0, 0
+        self.total, self.done, self.failed, self.not_full = total, 0, 0, 0
+        self.per_worker: dict[str, int] = {}
         self.start = time.monotonic()
         self.quiet = quiet
         self.tty = sys.stderr.isatty()
         self._last = 0.0
 
     def update(self, result: dict | None = None, force: bool = False) -> None:
-        if result is None and not self.tty and not force and time.monotonic() - self._last < 10:
-            return
         if result is not None:
             self.done += 1
-            self.failed += result.get("status") != "graded" or result.get("score", 0) < result.get("max_score", 0)
+            if result.get("status") in ("error", "crashed"):
+                self.failed += 1
+            elif result.get("status") != "graded" or result.get("score", 0) < result.get("max_score", 0):
+                self.not_full += 1
+            worker = result.get("worker")
+            if worker:
+                self.per_worker[worker] = self.per_worker.get(worker, 0) + 1
         if self.quiet:
             return
         now = time.monotonic()
-        if not force and now - self._last < (0.5 if self.tty else 5) and result is None:
-            return
-        if not force and not self.tty and result is not None and now - self._last < 5 and self.done < self.total:
+        if not force and now - self._last < (0.5 if self.tty else 5) and (result is None or self.done < self.total):
             return
         self._last = now
-        elapsed = now - self.start
+        print(("\r" + self.line()) if self.tty else self.line(), end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def line(self) -> str:
+        """``grading [####....] 7/12  not full marks: 2  failed: 0  workers: a 4, b 3  0:41 elapsed, ~0:30 left``."""
+        elapsed = time.monotonic() - self.start
         width = 30
         filled = int(width * self.done / max(self.total, 1))
         eta = elapsed / self.done * (self.total - self.done) if self.done else 0
-        line = (
+        workers = ", ".join(f"{w} {n}" for w, n in sorted(self.per_worker.items()))
+        return (
             f"grading [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}  "
-            f"not full marks: {self.failed}  {_clock(elapsed)} elapsed" + (f", ~{_clock(eta)} left" if self.done else "")
+            f"not full marks: {self.not_full}  failed: {self.failed}  "
+            + (f"workers: {workers}  " if workers else "")
+            + f"{_clock(elapsed)} elapsed"
+            + (f", ~{_clock(eta)} left" if self.done else "")
         )
-        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.tty and not self.quiet:
@@ -194,21 +205,38 @@ def _clock(seconds: float) -> str:
     return f"{m}:{s:02d}"
 
 
-def _crash_result(sub: Submission, opts: Options, why: str) -> dict:
+def _crash_result(sub: Submission, opts: Options, why: str, status: str = "error") -> dict:
     return {
         "student": sub.student,
         "assignment": sub.assignment,
-        "status": "error",
+        "status": status,
         "score": 0.0,
         "max_score": find_chapter(sub.assignment).max_score,
         "tests": [],
         "notes": list(sub.notes),
         "events": [],
+        "flags": [],
         "message": why,
         "input_sha": sub.sha256,
         "source_sha": opts.source_sha.get(sub.assignment, ""),
+        "files": sub.files,
         "unchanged": hash_files(sub.files) == sub.sha256,
     }
+
+
+def mark_crashed(sub: Submission, opts: Options, deaths: int, last: str) -> dict:
+    """Give up on a submission whose grading killed ``deaths`` workers: a ``crashed`` result (done: a rerun
+    does not retry it, ``--force`` does), its feedback page, no gradebook rows."""
+    from autograder.grading.feedback import FeedbackWriter
+
+    why = (
+        f"grading this submission stopped the grading worker each time it was tried ({deaths} times; the last: {last}); "
+        "it was not retried again. The instructor can regrade it with --force --student ID."
+    )
+    result = _crash_result(sub, opts, why, status="crashed")
+    FeedbackWriter(opts.out, opts.db_url).write(result, None)
+    write_json_atomic(result_path(opts.out, sub.assignment, sub.student), result)
+    return result
 
 
 def run_workers(pending: list[Submission], opts: Options, progress: Progress, notebook_timeout: int, log=print) -> dict:
@@ -218,6 +246,7 @@ def run_workers(pending: list[Submission], opts: Options, progress: Progress, no
     results: dict[str, dict] = {}
     workers: dict[int, tuple] = {}  # index -> (process, conn)
     busy: dict[int, tuple[Submission, float]] = {}
+    deaths: dict[str, int] = {}
     modes: set[str] = set()
 
     def spawn(i: int) -> None:
@@ -236,7 +265,7 @@ def run_workers(pending: list[Submission], opts: Options, progress: Progress, no
         else:
             conn.send(None)
 
-    def retire(i: int, why: str) -> None:
+    def retire(i: int, why: str, died: bool = False) -> None:
         proc, conn = workers.pop(i)
         if proc.is_alive():
             proc.kill()
@@ -244,8 +273,18 @@ def run_workers(pending: list[Submission], opts: Options, progress: Progress, no
         conn.close()
         if i in busy:
             sub, _ = busy.pop(i)
-            results[sub.key] = _crash_result(sub, opts, why)
-            progress.update(results[sub.key])
+            deaths[sub.key] = deaths.get(sub.key, 0) + died
+            if died and deaths[sub.key] < opts.attempts:
+                log(f"worker {i} died while grading {sub.key} ({why}); trying it again ({deaths[sub.key]} of {opts.attempts})")
+                queue.insert(0, sub)
+            elif died:
+                results[sub.key] = mark_crashed(sub, opts, deaths[sub.key], why)
+                results[sub.key]["worker"] = f"local-{i}"
+                progress.update(results[sub.key])
+            else:
+                results[sub.key] = _crash_result(sub, opts, why)
+                results[sub.key]["worker"] = f"local-{i}"
+                progress.update(results[sub.key])
         if queue:
             spawn(i)
 
@@ -275,8 +314,8 @@ def run_workers(pending: list[Submission], opts: Options, progress: Progress, no
                             log(f"worker {i}: kernels start in a fresh sandbox each ({msg[3]})")
                     elif kind == "done":
                         sub, _ = busy.pop(i)
-                        results[sub.key] = msg[2]
-                        progress.update(msg[2])
+                        results[sub.key] = {**msg[2], "worker": f"local-{i}"}
+                        progress.update(results[sub.key])
                     feed(i)
                     if i not in busy:
                         closing[i] = time.monotonic()
@@ -284,8 +323,10 @@ def run_workers(pending: list[Submission], opts: Options, progress: Progress, no
                     i = sentinels[obj]
                     if i in workers and not workers[i][0].is_alive():
                         if i in busy:
+                            from autograder.sandbox import describe_exit
+
                             code = workers[i][0].exitcode
-                            retire(i, f"the grading worker crashed (exit code {code}) on this submission; rerun to retry it")
+                            retire(i, "the worker process " + describe_exit(code).removeprefix("it "), died=True)
                         else:
                             proc, conn = workers.pop(i)
                             conn.close()
@@ -314,7 +355,7 @@ def run_workers(pending: list[Submission], opts: Options, progress: Progress, no
 # -- reports ----------------------------------------------------------------------------
 
 
-def write_csv(out: Path, results: dict[str, dict], assignments: list[str]) -> Path:
+def write_csv(out: Path, results: dict[str, dict], assignments: list[str], db: str | None = None) -> Path:
     """nbgrader's export columns for every student in the gradebook, points per exercise, status."""
     from nbgrader.api import Gradebook, MissingEntry
 
@@ -340,7 +381,7 @@ def write_csv(out: Path, results: dict[str, dict], assignments: list[str]) -> Pa
     writer = csv.writer(buf)
     writer.writerow(header)
     by_pair = {(r["assignment"], r["student"]): r for r in results.values()}
-    with Gradebook(db_url(out)) as gb:
+    with Gradebook(db_url(out, db)) as gb:
         for assignment in gb.assignments:
             if assignment.name not in assignments:
                 continue
@@ -486,9 +527,24 @@ def main(args) -> int:
             processes=args.processes,
             output_kb=args.output_kb,
         )
-        source_sha = prepare_course(out, assignments, args.hidden_seed)
-        pairs = graded_pairs(out)
+        db = getattr(args, "db", None) or None
+        scheduler = getattr(args, "scheduler", None)
+        try:
+            if db:
+                from autograder.grading.gradebook import check_reachable, normalize_url
+
+                db = normalize_url(db)
+                check_reachable(db)
+        except ValueError as exc:
+            print(str(exc), file=sys.stderr)
+            return 2
+        from autograder.grading.gradebook import db_url, ensure_students, graded_pairs, redact
+
+        source_sha = prepare_course(out, assignments, args.hidden_seed, db)
+        url = db_url(out, db)
+        pairs = graded_pairs(url)
         pending = [s for s in subs if args.force or not is_done(out, s, source_sha[s.assignment], pairs)]
+        ensure_students(url, [s.student for s in pending])
         run_root = _scratch(out)
         opts = Options(
             out=out,
@@ -501,11 +557,15 @@ def main(args) -> int:
             source_sha=source_sha,
             figures=args.figures,
             hidden_seed=args.hidden_seed,
+            db=db or "",
+            attempts=max(1, getattr(args, "attempts", 3)),
         )
+        where = f"on the Dask cluster at {scheduler}" if scheduler else f"with {min(opts.workers, max(len(pending), 1))} workers"
         log(
             f"{len(subs)} submissions of {', '.join(assignments)}: {len(subs) - len(pending)} already graded, "
-            f"{len(pending)} to grade with {min(opts.workers, max(len(pending), 1))} workers, "
+            f"{len(pending)} to grade {where}, "
             + ("sandbox: bubblewrap" if bwrap else "NO sandbox")
+            + f", gradebook: {redact(url)}"
         )
         started = time.monotonic()
         progress = Progress(len(pending), quiet=args.quiet)
@@ -514,7 +574,19 @@ def main(args) -> int:
             old = signal.getsignal(signal.SIGTERM)
             signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
             try:
-                fresh = run_workers(pending, opts, progress, args.notebook_timeout, log=log)
+                if scheduler:
+                    from autograder.grading.distributed import ClusterUnavailable, run_cluster
+
+                    try:
+                        fresh = run_cluster(
+                            pending, opts, scheduler, progress, args.notebook_timeout, log=log, wait=args.scheduler_wait
+                        )
+                    except ClusterUnavailable as exc:
+                        progress.close()
+                        print(f"cannot grade on the cluster: {exc}", file=sys.stderr)
+                        return 2
+                else:
+                    fresh = run_workers(pending, opts, progress, args.notebook_timeout, log=log)
             except KeyboardInterrupt:
                 progress.close()
                 log(f"interrupted: {progress.done} of {len(pending)} graded in this run; run the same command again to continue.")
@@ -535,7 +607,7 @@ def main(args) -> int:
             r = fresh.get(s.key) or load_result(out, s)
             if r is not None:
                 results[s.key] = r
-        csv_path = write_csv(out, results, assignments)
+        csv_path = write_csv(out, results, assignments, db)
         print(summary_table(list(results.values())))
         return _closing_report(out, subs, results, pending, elapsed, csv_path, opts, log)
     finally:
@@ -546,32 +618,38 @@ def _closing_report(out, subs, results, pending, elapsed, csv_path, opts, log) -
     from autograder.grading.gradebook import integrity
 
     changed = [s.key for s in subs if hash_files(s.files) != s.sha256]
-    problems = integrity(out)
-    counts = {k: sum(r["status"] == k for r in results.values()) for k in ("graded", "ungradable", "error")}
+    problems = integrity(out, opts.db or None)
+    counts = {k: sum(r["status"] == k for r in results.values()) for k in ("graded", "ungradable", "error", "crashed")}
     full = sum(r["status"] == "graded" and r["score"] >= r["max_score"] for r in results.values())
     lines = [
         "",
         f"{len(results)} submissions: {counts['graded']} graded ({full} full marks), {counts['ungradable']} could not be "
         f"graded (scored 0), {counts['error']} grader errors" + (" (rerun to retry them)" if counts["error"] else ""),
     ]
+    if counts["crashed"]:
+        lines.append(
+            f"{counts['crashed']} submissions stopped every grading worker they ran on and were given up on "
+            "(status 'crashed'; regrade one with --force --student ID)"
+        )
     if pending:
         rate = len(pending) / elapsed * 60 if elapsed else 0
         modes = ", ".join(sorted(getattr(opts, "modes", set()))) or "-"
-        lines.append(
-            f"graded {len(pending)} in {_clock(elapsed)} ({rate:.1f} per minute, {opts.workers} workers, kernels: {modes})"
-        )
+        workers = getattr(opts, "cluster_workers", None) or f"{opts.workers} workers"
+        lines.append(f"graded {len(pending)} in {_clock(elapsed)} ({rate:.1f} per minute, {workers}, kernels: {modes})")
     lines.append(
         "submitted files: "
         + ("all unchanged" if not changed else f"CHANGED: {', '.join(changed)}")
         + "; gradebook: "
         + ("consistent" if not problems else "; ".join(problems))
     )
-    lines.append(f"grades: {csv_path}   feedback: {out / 'feedback'}   gradebook: {out / 'gradebook.db'}")
+    from autograder.grading.gradebook import db_url, redact
+
+    lines.append(f"grades: {csv_path}   feedback: {out / 'feedback'}   gradebook: {redact(db_url(out, opts.db or None))}")
     print("\n".join(lines))
     missing = [s.key for s in subs if s.key not in results]
     if missing:
         print(f"not graded: {', '.join(missing)}")
-    return 1 if counts["error"] or changed or problems or missing else 0
+    return 1 if counts["error"] or counts["crashed"] or changed or problems or missing else 0
 
 
 def add_arguments(p) -> None:
@@ -588,7 +666,33 @@ def add_arguments(p) -> None:
         f"'chapter' (default: {DEFAULT_PATTERN!r}: the name up to the first underscore or folder)",
     )
     p.add_argument("--student", action="append", help="grade only this student (repeatable)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel workers (default: number of cores)")
+    p.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="parallel workers on this machine (default: number of cores)"
+    )
+    p.add_argument(
+        "--scheduler",
+        metavar="tcp://HOST:8786",
+        help="grade on the workers of this Dask cluster (`dask scheduler` / `dask worker`) instead of on this machine",
+    )
+    p.add_argument(
+        "--scheduler-wait",
+        type=int,
+        default=300,
+        metavar="S",
+        help="with --scheduler: seconds to wait for the scheduler and a first worker, also after losing them (default 300)",
+    )
+    p.add_argument(
+        "--db",
+        metavar="URL",
+        help="nbgrader's gradebook at this URL, e.g. postgresql://USER:PASSWORD@HOST/DB (default: OUT/gradebook.db, SQLite)",
+    )
+    p.add_argument(
+        "--attempts",
+        type=int,
+        default=3,
+        help="on this machine: tries per submission when the worker grading it dies; after the last it is marked "
+        "'crashed' (default 3; on a cluster the scheduler's distributed.scheduler.allowed-failures decides)",
+    )
     p.add_argument("--timeout", type=int, default=60, help="seconds per cell (default 60)")
     p.add_argument(
         "--memory-mb", type=int, default=4096, help="memory per notebook beyond the preloaded libraries (default 4096)"

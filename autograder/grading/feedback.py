@@ -75,8 +75,9 @@ def _summary_cell(result: dict) -> nbformat.NotebookNode:
 class FeedbackWriter:
     """Renders feedback pages; one per worker (the template is compiled once)."""
 
-    def __init__(self, course: Path):
+    def __init__(self, course: Path, db_url: str | None = None):
         self.course = Path(course)
+        self.db_url = db_url or f"sqlite:///{self.course.resolve() / 'gradebook.db'}"
         self._exporter = None
 
     def _get_exporter(self):
@@ -115,7 +116,7 @@ class FeedbackWriter:
                     "student": result["student"],
                     "assignment": result["assignment"],
                     "notebook": result["assignment"],
-                    "db_url": f"sqlite:///{self.course.resolve() / 'gradebook.db'}",
+                    "db_url": self.db_url,
                 },
                 "metadata": {"name": result["assignment"]},
             }

@@ -42,6 +42,14 @@ class Options:
     figures: bool = False
     hidden_seed: str = DEFAULT_COURSE_SEED
     trusted: bool = True  # verdicts from this process (False: every test runs in the kernel, as before)
+    db: str = ""  # the gradebook's SQLAlchemy URL; "" = sqlite:///OUT/gradebook.db
+    attempts: int = 3  # tries per submission when the worker grading it dies (the last death marks it "crashed")
+
+    @property
+    def db_url(self) -> str:
+        from autograder.grading.gradebook import db_url
+
+        return db_url(self.out, self.db or None)
 
 
 def result_path(out: Path, assignment: str, student: str) -> Path:
@@ -76,7 +84,8 @@ class Grader:
         self.opts = opts
         self.out = Path(opts.out).resolve()
         self.sandbox = sandbox
-        self.feedback = FeedbackWriter(self.out)
+        self.db_url = opts.db_url
+        self.feedback = FeedbackWriter(self.out, self.db_url)
         self._api = None
         self._release: dict = {}
 
@@ -99,6 +108,7 @@ class Grader:
             limits = self.opts.limits
             c = nbgrader_config(self.out, limits.cell_timeout)
             c.CourseDirectory.submitted_directory = "sanitized"
+            c.CourseDirectory.db_url = self.db_url
             c.Autograde.autograde_preprocessors = [
                 execute.SandboxedExecute,
                 IgnorePattern,
@@ -168,9 +178,9 @@ class Grader:
         return result
 
     def _grade(self, sub: Submission, chapter, result: dict) -> None:
-        from autograder.check import gradebook_scores, results_from
+        from autograder.check import results_from
         from autograder.grading import execute
-        from autograder.grading.gradebook import record_zero
+        from autograder.grading.gradebook import record_zero, scores
         from autograder.grading.sanitize import read_submission, sanitize, suspicious
 
         out = self.out
@@ -200,7 +210,7 @@ class Grader:
                     nbformat.write(clean, str(sdir / f"{sub.assignment}.ipynb"))
         if problem:
             shutil.rmtree(autograded, ignore_errors=True)
-            record_zero(out, sub.assignment, sub.student)
+            record_zero(out, sub.assignment, sub.student, self.db_url)
             result.update(status="ungradable", message=problem, score=0.0)
             self.feedback.write(result, None)
             return
@@ -229,7 +239,7 @@ class Grader:
             tail = [ln for ln in log.strip().splitlines() if ln.strip()][-6:]
             result.update(status="error", message="nbgrader could not autograde it: " + " | ".join(tail))
             return
-        tests = results_from(graded_nb, gradebook_scores(out, sub.assignment, sub.student))
+        tests = results_from(graded_nb, scores(self.db_url, sub.assignment, sub.student))
         result["tests"] = [asdict(t) for t in tests]
         result["score"] = float(sum(t.points for t in tests))
         result["max_score"] = float(sum(t.max_points for t in tests)) or chapter.max_score
