@@ -220,9 +220,13 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-# The kernel is nested in flash_attention (built on its first call): take its source from the module.
+# The kernel and its GPU configurations are nested in flash_attention (built on its first call): read both from
+# the module's source, so every configuration that triton.autotune may pick on an H100/H200 is compiled here.
 source = open({path!r}).read()
-node = next(n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef) and n.name == "flash_forward")
+tree = ast.parse(source)
+node = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "flash_forward")
+table = next(n for n in ast.walk(tree) if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "HOPPER_CONFIGS")
+configs = ast.literal_eval(table.value)
 start = min(d.lineno for d in node.decorator_list)
 text = textwrap.dedent("\\n".join(source.splitlines()[start - 1 : node.end_lineno]))
 with open({module!r}, "w") as f:
@@ -231,44 +235,50 @@ sys.path.insert(0, os.path.dirname({module!r}))
 from flash_kernel import flash_forward as fn
 
 names = fn.arg_names
-for dtype, d, causal in [("bf16", 64, False), ("bf16", 128, True), ("fp16", 128, False), ("fp16", 32, True),
-                         ("fp32", 128, True), ("fp32", 64, False)]:
-    half = dtype != "fp32"                    # the launch configuration of flash_attention on a GPU
-    block_m, block_n, warps, stages = (128, 64, 4 if d <= 64 else 8, 3) if half else (64, 32, 4 if d <= 64 else 8, 2)
-    sig = {{n: "*" + dtype if n in ("Q", "K", "V", "Out") else "fp32" if n == "qk_scale" else "i32" for n in names}}
-    const = {{"D": d, "CAUSAL": causal, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": d, "FP32_DOT": not half}}
+pointers = ("Q", "K", "V", "Out", "Lse")
+aligned_strides = [n for n in names if n.startswith("stride_") and not n.endswith("d")]
+# every configuration, in both of its dtype's paths through the loops (causal: diagonal steps; not: the tail)
+cases = [(dt, d, causal, cfg) for cfg in configs["16-bit"] for dt, d, causal in (("bf16", 128, True), ("fp16", 64, False))]
+cases += [("fp32", d, causal, cfg) for cfg in configs["float32"] for d, causal in ((128, True), (64, False))]
+for dtype, d, causal, (block_m, block_n, warps, stages) in cases:
+    sig = {{n: ("*fp32" if n == "Lse" else "*" + dtype) if n in pointers else "fp32" if n == "qk_scale" else "i32"
+           for n in names}}
+    const = {{"D": d, "CAUSAL": causal, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": d, "FP32_DOT": dtype == "fp32"}}
     for n in ("stride_qd", "stride_kd", "stride_vd", "stride_od"):  # contiguous inputs: Triton specialises 1
         const[n] = 1
     for n in const:
         sig[n] = "constexpr"
-    aligned = {{(names.index(n),): [["tt.divisibility", 16]] for n in names if n in ("Q", "K", "V", "Out") or n in
-               ("stride_qb", "stride_qh", "stride_ql", "stride_kb", "stride_kh", "stride_ks", "stride_vb", "stride_vh",
-                "stride_vs", "stride_ob", "stride_oh", "stride_ol")}}
+    aligned = {{(names.index(n),): [["tt.divisibility", 16]] for n in names if n in pointers or n in aligned_strides}}
     kernel = triton.compile(ASTSource(fn, sig, const, aligned), target=GPUTarget("cuda", 90, 32),
                             options={{"num_warps": warps, "num_stages": stages}})
     pipelined = kernel.asm["ttgir"].count("async_copy_global_to_local")
-    print(dtype, d, causal, kernel.metadata.shared, pipelined, len(kernel.asm["cubin"]))
+    print(dtype, d, causal, block_m, block_n, warps, stages, kernel.metadata.shared, pipelined, len(kernel.asm["cubin"]))
+print("configs", len(configs["16-bit"]), len(configs["float32"]))
 """
 
 
 @pytest.mark.slow
 def test_kernel_compiles_for_hopper_without_a_gpu(tmp_path):
-    """Triton compiles the kernel ahead of time for sm_90 (H100/H200) down to a cubin with its bundled ptxas: the
-    GPU code path is at least well-formed, fits in shared memory, and its loads are software-pipelined."""
+    """Triton compiles the kernel ahead of time for sm_90 (H100/H200) down to a cubin with its bundled ptxas, in every
+    configuration that triton.autotune may choose on such a GPU, for 16-bit and float32 inputs, causal and not: the GPU
+    code path is at least well-formed, fits in shared memory, and its loads are software-pipelined."""
     ptxas = __import__("pathlib").Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     if not ptxas.exists():
-        pytest.skip("this Triton wheel has no bundled ptxas")
+        pytest.skip("this Triton wheel has no bundled ptxas (the sm_90 compile toolchain)")
     script = AOT_COMPILE.format(
         path=str(ROOT / "solutions" / "ch08_flash_attention.py"), module=str(tmp_path / "flash_kernel.py")
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path / "cache")}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = [line.split() for line in result.stdout.splitlines()]
-    assert len(rows) == 6
-    for dtype, d, causal, shared, pipelined, cubin in rows:
-        assert int(shared) <= 227 * 1024, f"{dtype} D={d} causal={causal}: {shared} bytes of shared memory"
-        assert int(pipelined) > 0, f"{dtype} D={d} causal={causal}: the key/value loads are not pipelined"
+    *rows, last = [line.split() for line in result.stdout.splitlines()]
+    halves, fp32s = int(last[1]), int(last[2])
+    assert halves >= 2 and fp32s >= 1, "autotune needs a choice of configurations"
+    assert len(rows) == 2 * (halves + fp32s)
+    for dtype, d, causal, *config, shared, pipelined, cubin in rows:
+        where = f"{dtype} D={d} causal={causal} (BLOCK_M, BLOCK_N, warps, stages) = {config}"
+        assert int(shared) <= 227 * 1024, f"{where}: {shared} bytes of shared memory"
+        assert int(pipelined) > 0, f"{where}: the key/value loads are not pipelined"
         assert int(cubin) > 0
 
 
