@@ -128,6 +128,7 @@ CONSTRUCTIBLE = {"autograder.checks.ch06.ReferenceKVCache"}
 PROBES = {
     "autograder.checks.ch07.simulate_benchmark",
     "autograder.checks.ch08.observe_call",
+    "autograder.checks.ch09.observe_function",
     "autograder.checks.ch10.run_jobs_on_ranks",
 }
 MAX_RECORDS = 10_000
