@@ -179,6 +179,23 @@ def test_flash_attention_equals_float64_sdpa(shape, causal, dtype):
     assert (out.double() - ref).abs().max() <= max(4 * sdpa_err.item(), floor)
 
 
+@pytest.mark.parametrize(
+    ("lead", "L", "S", "causal"),
+    [((3,), 20, 45, False), ((2,), 40, 23, True), ((1, 2), 37, 50, True), ((), 33, 33, True)],
+)
+def test_flash_attention_logsumexp_3d_and_4d(lead, L, S, causal):
+    """return_lse: float32 natural-log logsumexp of the visible scaled scores, shape (..., L), -inf where no key is seen."""
+    torch.manual_seed(L + S)
+    q, k, v = (torch.randn(*lead, n, 16, device=DEVICE) * 2 for n in (L, S, S))
+    out, lse = flash_attention(q, k, v, causal=causal, return_lse=True)
+    assert out.shape == q.shape and lse.shape == (*lead, L) and lse.dtype == torch.float32
+    torch.testing.assert_close(out.double(), reference(q, k, v, causal), atol=1e-5, rtol=0)  # scores of size ~4
+    expected = reference_lse(q, k, causal)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(expected))
+    torch.testing.assert_close(lse.double(), expected, atol=2e-5, rtol=0)
+    assert torch.equal(flash_attention(q, k, v, causal=causal), out)  # the same kernel without return_lse
+
+
 def test_flash_attention_any_layout_and_one_compilation():
     """Strided inputs (a (B, L, H, D) buffer seen as (B, H, L, D)) work; the kernel is built once."""
     torch.manual_seed(5)

@@ -85,6 +85,11 @@ _np_ascontiguous = np.ascontiguousarray
 _np_argwhere = np.argwhere
 _np_full = np.full
 _np_inf = np.inf
+_np_isneginf = np.isneginf
+_t_matmul = torch.matmul
+_t_mul = torch.mul
+_t_logsumexp = torch.logsumexp
+_t_masked_fill = R.TB.masked_fill
 _log2e = math.log2(math.e)
 _int = int
 _sum_int = sum
@@ -193,6 +198,38 @@ SAME_TILE = (
     "every program loaded the same tile of queries: the rows of program (tile, bh) are tile * BLOCK_M + "
     "tl.arange(0, BLOCK_M); use them for loading q (and for the mask and the store), not tl.arange(0, BLOCK_M) alone"
 )
+LSE_LAST_TILE = (
+    "the logsumexp holds only the last key tile's sum: lse = m + log(l) with l, the running sum over every tile "
+    "(rescaled as the max grows), not the sum of the last tile's exp(s - m) alone."
+)
+LSE_NOT_CAUSAL = (
+    "the logsumexp ignores the causal mask: it sums exp(score) over every key, also those in the query's future; "
+    "it must come from the same masked scores as the output (the running max and sum of the masked step)."
+)
+LSE_EMPTY = (
+    "a query that sees no key (causal with L > S) must get a logsumexp of -inf (the log of an empty sum), not a "
+    "finite number: keep -inf there (e.g. tl.where(l > 0, m + log(l), -inf)), so that a backward pass gives it zero weight."
+)
+LSE_DTYPE = "should be float32"
+MASKED_SKIPPED = (
+    "skipped the masked step: after the unmasked loop over the key tiles that every row of the query tile sees "
+    "whole, the diagonal tiles (causal) and the last, partial tile (S not a multiple of BLOCK_N) still hold visible "
+    "keys; run them too, with the mask."
+)
+DIAGONAL_SKIPPED = (
+    "skipped the diagonal key tiles: with causal=True the masked step must start where the unmasked loop stopped, "
+    "at the first key tile that some row of the query tile cannot see whole, and run to the tile's bottom-right bound "
+    "min(S, (tile + 1) * BLOCK_M + S - L), not cover only the last, partial tile."
+)
+TAIL_SKIPPED = (
+    "skipped the last, partial key tile: when S is not a multiple of BLOCK_N, the loops end at S // BLOCK_N * BLOCK_N "
+    "and the keys after it are never seen; the masked step must run up to S (with the mask cols < S)."
+)
+WRONG_BOUND = (
+    "the unmasked loop ran over key tiles that need the causal mask: a key tile may skip the mask only if the first "
+    "row of the query tile (tile * BLOCK_M) sees all of it, i.e. if it ends at or before tile * BLOCK_M + S - L + 1. "
+    "Bounded by the tile's last row, the rows above it see keys in their future."
+)
 UNWRITTEN = (
     "never wrote some entries of the output: they still hold the NaN this check fills new tensors with. Does the grid "
     "cover every (batch, head) pair (B * H programs) and every tile of queries (cdiv(L, BLOCK_M)), and does each "
@@ -218,12 +255,22 @@ def _visible(L: int, S: int, causal: bool, mode: str = "") -> np.ndarray:
 
 
 def _online(
-    q, k, v, causal: bool, block: int, mistake: str = "", *, scale: float | None = None, skip: tuple | None = None
+    q,
+    k,
+    v,
+    causal: bool,
+    block: int,
+    mistake: str = "",
+    *,
+    scale: float | None = None,
+    skip: tuple | None = None,
+    vis: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Float64 online softmax over key tiles of ``block`` with one optional mistake; (out, logsumexp).
 
     ``scale`` replaces 1/sqrt(d); ``skip = (block_m, block_n)`` drops the key tiles that a kernel with a
-    top-left causal loop bound, min(S, (tile + 1) * block_m), never visits.
+    top-left causal loop bound, min(S, (tile + 1) * block_m), never visits; ``vis`` (L, S) replaces which keys
+    each query sees (see :func:`_split_vis`).
     """
     L, S, d = q.shape[-2], k.shape[-2], q.shape[-1]
     if scale is None:
@@ -236,7 +283,7 @@ def _online(
         vis = T.np_concat([_visible(L, S, causal), _np_full((L, pad), True)], axis=-1)
         S = S + pad
     else:
-        vis = _visible(L, S, causal, mistake)
+        vis = _visible(L, S, causal, mistake) if vis is None else vis
     if mistake == "local_cols" and causal:  # the key's index within its tile compared with the query position
         j_local = T.np_arange(S)[None, :] % block
         vis = j_local <= T.np_arange(L)[:, None] + (S - L)
@@ -256,6 +303,7 @@ def _online_loop(q, k, v, vis, scale: float, S: int, block: int, mistake: str) -
     lsum = T.np_zeros(q.shape[:-1])
     acc = T.np_zeros(q.shape[:-1] + (v.shape[-1],))
     blocks = 0
+    last = lsum
     for start in _range(0, S, block):
         stop = _min(start + block, S)
         s = _np_matmul(q, T.np_swapaxes(k[..., start:stop, :], -1, -2)) * scale
@@ -275,6 +323,7 @@ def _online_loop(q, k, v, vis, scale: float, S: int, block: int, mistake: str) -
         else:
             acc = (acc if mistake == "no_rescale_acc" else acc * alpha[..., None]) + _np_matmul(p, v[..., start:stop, :])
         lsum = (lsum if mistake == "no_rescale_sum" else lsum * alpha) + _np_sum(p, axis=-1)
+        last = _np_sum(p, axis=-1)
         m = m_new
     seen = lsum > 0
     out = T.np_where(seen[..., None], acc / T.np_where(seen, lsum, 1.0)[..., None], 0.0)
@@ -289,6 +338,8 @@ def _online_loop(q, k, v, vis, scale: float, S: int, block: int, mistake: str) -
         lse = _np_log(lsum)
     elif mistake == "lse_base2":
         lse = lse * _log2e
+    elif mistake == "lse_last_tile":
+        lse = m + _np_log(last)
     elif mistake == "lse_unscaled":
         lse = m / scale + _np_log(lsum)
     return out, lse
@@ -482,7 +533,8 @@ def observe_call(fn, guard: bool, count_launches: bool, label: str, *args, **kwa
     """Call ``fn`` where the student's code runs, watched: the aten operations it ran, its largest tensor,
     (with ``guard``) writes outside its allocations and output entries it never wrote, Triton launches.
 
-    Returns data only: ``{"error", "result", "largest", "largest_shape", "ops", "overrun", "unwritten", "launches"}``.
+    Returns data only: ``{"error", "result", "largest", "largest_shape", "ops", "overrun", "unwritten", "unwritten_lse",
+    "launches"}`` (``unwritten_lse``: of the second tensor of a tuple result, as ``flash_attention(..., return_lse=True)``).
     """
     recorder = _Recorder(guard=guard)
     launches = _LaunchCounter()
@@ -495,7 +547,8 @@ def observe_call(fn, guard: bool, count_launches: bool, label: str, *args, **kwa
                 result = call(fn, *args, label=label, **kwargs)
     except CheckFailure as exc:
         return {"error": _str(exc)}
-    unwritten = _unwritten(result) if guard and T.is_tensor(result) else None
+    parts = T._tuple(result) if T._type(result) is T._tuple else (result,)
+    unwritten = [_unwritten(r) if guard and T.is_tensor(r) else None for r in parts[:2]] + [None]
     return {
         "error": None,
         "result": result,
@@ -503,7 +556,8 @@ def observe_call(fn, guard: bool, count_launches: bool, label: str, *args, **kwa
         "largest_shape": T._tuple(_int(n) for n in recorder.largest_shape),
         "ops": sorted(_str(op) for op in recorder.ops),
         "overrun": _int(recorder.overrun()) if guard else 0,
-        "unwritten": unwritten,
+        "unwritten": unwritten[0],
+        "unwritten_lse": unwritten[1],
         "launches": _int(launches.count),
     }
 
@@ -521,8 +575,9 @@ def _observed(fn, args: tuple, kwargs: dict, *, guard: bool, count_launches: boo
     keys = ("result", "largest", "largest_shape", "ops", "overrun", "unwritten", "launches")
     if not all(k in run for k in keys) or T._type(run["ops"]) is not T._list or T._type(run["largest"]) is not _int:
         raise CheckFailure(f"{label}: the watched call's report is malformed.")
-    if run["unwritten"] is not None and T._type(run["unwritten"]) is not T.ndarray:
-        raise CheckFailure(f"{label}: the watched call's report is malformed.")
+    for key in ("unwritten", "unwritten_lse"):
+        if run.get(key) is not None and T._type(run[key]) is not T.ndarray:
+            raise CheckFailure(f"{label}: the watched call's report is malformed.")
     return run
 
 
@@ -708,6 +763,79 @@ def _flash_prints(q, k, v, causal: bool, kv_transposed: bool = False) -> dict:
             prints[f"{message} (key tiles of {block})"] = lambda block=block, mistake=mistake: _online(
                 q, k, v, causal, block, mistake
             )[0]
+    prints.update(_split_prints(q, k, v, causal))
+    return prints
+
+
+def _split_vis(L: int, S: int, bm: int, bn: int, causal: bool, mistake: str) -> np.ndarray:
+    """(L, S) bool: the keys each query sees in a kernel whose loop over key tiles is split in two (an unmasked loop
+    over [0, full_end), a masked step over [full_end, hi)) with tiles of ``bm`` queries and ``bn`` keys, and one mistake.
+    """
+    i, j = T.np_arange(L)[:, None], T.np_arange(S)[None, :]
+    tile = i // bm
+    even = S // bn * bn  # keys before this lie in whole tiles
+    full_end = _np_minimum(even, _np_maximum(tile * bm + S - L + 1, 0) // bn * bn) if causal else even
+    vis = _visible(L, S, causal)
+    if mistake == "masked_skipped":  # only the unmasked loop ran
+        return vis & (j < full_end)
+    if mistake == "diagonal_skipped":  # the masked step covered only the last, partial tile
+        return vis & ((j < full_end) | (j >= even))
+    if mistake == "tail_skipped":  # both loops end at S // bn * bn
+        return vis & (j < even)
+    if mistake == "bound_from_last_row":  # the unmasked loop ran up to the tile's last row's bound: no mask there
+        wrong_end = _np_minimum(even, _np_maximum((tile + 1) * bm + S - L, 0) // bn * bn) if causal else even
+        return vis | (j < wrong_end)
+    raise ValueError(mistake)
+
+
+_SPLIT_MISTAKES = (
+    ("masked_skipped", MASKED_SKIPPED, False),
+    ("diagonal_skipped", DIAGONAL_SKIPPED, True),
+    ("tail_skipped", TAIL_SKIPPED, False),
+    ("bound_from_last_row", WRONG_BOUND, True),
+)
+_TILES = (16, 32, 64, 128)
+
+
+def _split_prints(q, k, v, causal: bool) -> dict:
+    """Outputs of the mistakes of a split loop (unmasked loop, masked diagonal/tail step), at the usual tiles."""
+    L, S = q.shape[-2], k.shape[-2]
+    prints = {}
+    for mistake, message, causal_only in _SPLIT_MISTAKES:
+        if (causal_only or mistake == "masked_skipped") and not causal:
+            continue  # without causal, the masked step is the tail alone: tail_skipped names it
+        for bm in _TILES if causal else (16,):  # without causal, the query tile changes nothing
+            for bn in _TILES:
+                prints[f"{message} (query tiles of {bm}, key tiles of {bn})"] = lambda bm=bm, bn=bn, mistake=mistake: _online(
+                    q, k, v, causal, bn, vis=_split_vis(L, S, bm, bn, causal, mistake)
+                )[0]
+    return prints
+
+
+def _lse64(q, k, causal: bool) -> np.ndarray:
+    """Float64 ``torch.logsumexp`` of the scaled scores, masked bottom-right when ``causal`` (-inf: no key seen)."""
+    qt, kt = (R.from_numpy(T.np_array(a, dtype=T.np_float64)) for a in (q, k))
+    scores = _t_mul(_t_matmul(qt, _transpose(kt, -2, -1)), 1.0 / T.sqrt(q.shape[-1]))
+    if causal:
+        hidden = R.from_numpy(~_visible(q.shape[-2], k.shape[-2], True))
+        scores = _t_masked_fill(scores, hidden, -_np_inf)
+    return T.tensor_to_float64(_t_logsumexp(scores, -1))
+
+
+def _lse_prints(q, k, v, causal: bool) -> dict:
+    """The logsumexp of known mistakes (natural log, float64)."""
+    exp = _lse64(q, k, causal)
+    prints = {
+        LSE_BASE2: lambda: exp * _log2e,
+        LSE_NO_MAX: lambda: _online(q, k, v, causal, 16, "lse_no_max")[1],
+        LSE_EMPTY: lambda: T.np_where(_np_isneginf(exp), 0.0, exp),
+    }
+    if causal:
+        prints[LSE_NOT_CAUSAL] = lambda: _lse64(q, k, False)
+    for block in _TILES:
+        prints[f"{LSE_LAST_TILE} (key tiles of {block})"] = lambda block=block: _online(q, k, v, causal, block, "lse_last_tile")[
+            1
+        ]
     return prints
 
 
@@ -717,12 +845,23 @@ def _device() -> str:
 
 
 def _check_flash(
-    fn, q, k, v, *, causal: bool, dtype, note: str = "", default_call: bool = False, kv_transposed: bool = False
+    fn,
+    q,
+    k,
+    v,
+    *,
+    causal: bool,
+    dtype,
+    note: str = "",
+    default_call: bool = False,
+    kv_transposed: bool = False,
+    return_lse: bool = False,
 ) -> None:
-    B, H, L, d = q.shape
+    L, d = q.shape[-2], q.shape[-1]
     device = _device()
     where = f"q {T._tuple(q.shape)}, k and v {T._tuple(k.shape)}, {R.dname(dtype)}, {device}"
-    label = f"flash_attention(q, k, v{'' if default_call else f', causal={causal}'}) [{where}{note}]"
+    args_text = "" if default_call else f", causal={causal}"
+    label = f"flash_attention(q, k, v{args_text}{', return_lse=True' if return_lse else ''}) [{where}{note}]"
     if _Interpreted is None:
         raise CheckFailure(f"{label}: Triton is not installed in this environment (pip install triton).")
     qt = R.tensor_of(q, dtype, device)
@@ -731,7 +870,8 @@ def _check_flash(
     else:
         kt, vt = (R.tensor_of(a, dtype, device) for a in (k, v))
     before = [R.clone(t) for t in (qt, kt, vt)]
-    run = _observed(fn, (qt, kt, vt), {} if default_call else {"causal": causal}, guard=True, count_launches=True, label=label)
+    kwargs = ({} if default_call else {"causal": causal}) | ({"return_lse": True} if return_lse else {})
+    run = _observed(fn, (qt, kt, vt), kwargs, guard=True, count_launches=True, label=label)
     result = run["result"]
     used = sorted(op for op in run["ops"] if _is_torch_math(op))
     if used:
@@ -750,13 +890,20 @@ def _check_flash(
             f"{label}: the kernel {STORE_MASK} It wrote {overrun} element{'' if overrun == 1 else 's'} outside the tensors allocated during the "
             f"call (here L = {L}, D = {d})."
         )
+    if return_lse:
+        if T._type(result) is not T._tuple or T._len(result) != 2:
+            raise CheckFailure(f"{label}: with return_lse=True, should return a tuple (out, lse), got {T.type_name(result)}.")
+        result, lse_result = result
+    elif T._type(result) is T._tuple:
+        raise CheckFailure(f"{label}: without return_lse, should return the output tensor alone, got a tuple.")
     expected = _sdpa64(q, k, v, causal)
     atol = _atol(dtype, _sdpa_error(q, k, v, causal, dtype, expected), float(T.np_max(T.np_abs(v))))
-    out = _as_tensor(result, label=label, what="output", dtype=dtype, shape=(B, H, L, d))
+    out = _as_tensor(result, label=label, what="output", dtype=dtype, shape=T._tuple(q.shape))
     unwritten = run["unwritten"]
     if unwritten is not None and unwritten.any():
-        heads = sorted({(_int(b), _int(h)) for b, h, _, _ in _np_argwhere(unwritten)})
-        rows = sorted({_int(i) for _, _, i, _ in _np_argwhere(unwritten)})
+        spots = _np_argwhere(unwritten.reshape((-1,) + T._tuple(unwritten.shape[-2:])))
+        heads = sorted({_int(bh) for bh, _, _ in spots})
+        rows = sorted({_int(i) for _, i, _ in spots})
         _fail(
             label,
             "output",
@@ -764,28 +911,55 @@ def _check_flash(
             expected,
             atol,
             [f"the kernel {UNWRITTEN}"],
-            f"  {_int(_np_sum(unwritten))} of {unwritten.size} entries unwritten; (batch, head) pairs {heads[:6]}"
+            f"  {_int(_np_sum(unwritten))} of {unwritten.size} entries unwritten; (batch x head) programs {heads[:6]}"
             f"{' ...' if T._len(heads) > 6 else ''}, query rows {rows[:8]}{' ...' if T._len(rows) > 8 else ''}.",
         )
     _compare(out, expected, label=label, what="output", atol=atol, fingerprints=_flash_prints(q, k, v, causal, kv_transposed))
+    if return_lse:
+        _check_lse(lse_result, run.get("unwritten_lse"), q, k, v, causal, label)
     for name, t, b in zip(("q", "k", "v"), (qt, kt, vt), before, strict=True):
         if not R.t_equal(t, b):
             raise CheckFailure(f"{label}: flash_attention changed its input {name} in place.")
 
 
+def _check_lse(result, unwritten, q, k, v, causal: bool, label: str) -> None:
+    """The kernel's logsumexp: float32, shape (..., L), natural log, -inf where a query sees no key."""
+    what = f"logsumexp (natural log, float32, shape {T._tuple(q.shape[:-1])})"
+    lse = _as_tensor(result, label=label, what="logsumexp", dtype=F32, shape=T._tuple(q.shape[:-1]))
+    expected = _lse64(q, k, causal)
+    if unwritten is not None and unwritten.any():
+        _fail(label, what, lse, expected, 0.0, [f"the kernel {UNWRITTEN}"], "  (in the logsumexp tensor)")
+    finite = expected[T.np_isfinite(expected)]
+    atol = 2e-5 * _max(1.0, float(T.np_max(T.np_abs(finite))) if finite.size else 1.0)
+    if T._tuple(lse.shape) == T._tuple(expected.shape) and max_error(lse, expected) <= atol:
+        return
+    extra = ""
+    empty = _np_isneginf(expected)
+    if empty.any() and not _np_isneginf(lse[empty]).all():
+        extra = f"  Queries {sorted(_int(i) for i in _np_argwhere(empty)[:, -1])[:8]} (last index) see no key: {LSE_EMPTY}"
+    _fail(label, what, lse, expected, atol, [diagnose(lse, _lse_prints(q, k, v, causal), atol=atol)], extra)
+
+
 def visible_flash_attention(fn) -> None:
-    """Three small cases under the Triton interpreter: one tile, several tiles, causal."""
+    """Five small cases under the Triton interpreter: one tile, several tiles, causal, and the logsumexp of 3-D
+    inputs (return_lse=True), also where causal queries see no key."""
     rng = T.default_rng(82)
     _check_flash(fn, *_inputs(rng, (1, 1), 16, 16, 16, F32), causal=False, dtype=F32, note=", one tile", default_call=True)
     _check_flash(fn, *_inputs(rng, (1, 2), 48, 48, 32, F32), causal=False, dtype=F32, note=", several tiles")
-    _check_flash(fn, *_inputs(rng, (2, 1), 32, 32, 16, F32), causal=True, dtype=F32, note=", causal")
-    passed("flash_attention", 3)
+    _check_flash(fn, *_inputs(rng, (2, 1), 32, 37, 16, F32), causal=True, dtype=F32, note=", causal, L = 32 < S = 37")
+    _check_flash(fn, *_inputs(rng, (2,), 20, 40, 16, F32, scale=2.0), causal=False, dtype=F32, return_lse=True,
+                 note=", 3-D inputs (batch x heads flattened)")  # fmt: skip
+    _check_flash(fn, *_inputs(rng, (2,), 24, 13, 16, F32), causal=True, dtype=F32, return_lse=True,
+                 note=", 3-D, causal with L > S: the first 11 queries see no key (zero output, logsumexp -inf)")  # fmt: skip
+    passed("flash_attention", 5)
 
 
 def hidden_flash_attention(fn, seed: int = 83) -> None:
     """Strided k and v, L and S not multiples of a tile, L != S both ways, causal, large scores, float16,
-    D = 64, and D = 24 and 40 (not powers of two). Every tensor allocated during a call is guarded: writes past
-    its end and entries never written are named."""
+    D = 64, and D = 24 and 40 (not powers of two); the logsumexp (return_lse=True) in float32 for float16 inputs,
+    for 3-D inputs, causal with L != S both ways, and over many query tiles (L > 256: 17 tiles of 16, the
+    interpreter's, and 3 of 128, a GPU's). Every tensor allocated during a call is guarded: writes past its end and
+    entries never written are named."""
     rng = T.default_rng(seed)
     count = 0
 
@@ -821,8 +995,16 @@ def hidden_flash_attention(fn, seed: int = 83) -> None:
          note=", D = 40: not a power of two (the tile is padded to 64 columns)")  # fmt: skip
     # Several query tiles whatever the kernel's tiles (up to 128 rows): every program must compute its own tile, and
     # a causal loop over key tiles must end at the bottom-right bound. S is no multiple of 16, 32, 64 or 128.
-    case(_inputs(rng, (1, 1), 264, 301, 16, F32), causal=True, dtype=F32,
+    case(_inputs(rng, (1, 1), 264, 301, 16, F32), causal=True, dtype=F32, return_lse=True,
          note=", L = 264 < S = 301, causal: three tiles of 128 queries (or more, smaller), S no multiple of a tile")  # fmt: skip
+    case(_inputs(rng, (1, 2), 33, 50, 32, F16, scale=2.0), causal=True, dtype=F16, return_lse=True,
+         note=", float16: the logsumexp stays float32")  # fmt: skip
+    case(_inputs(rng, (3,), 45, 77, 16, F32, scale=2.0), causal=True, dtype=F32, return_lse=True,
+         note=", 3-D, causal with L = 45 < S = 77")  # fmt: skip
+    case(_inputs(rng, (1,), 290, 70, 16, F32), causal=True, dtype=F32, return_lse=True,
+         note=", 3-D, causal with L = 290 > S = 70: 220 queries see no key, over several query tiles")  # fmt: skip
+    case(_inputs(rng, (2,), 300, 45, 16, F32, scale=2.0), causal=False, dtype=F32, return_lse=True,
+         note=", 3-D, L = 300, S = 45: many query tiles, S no multiple of a tile")  # fmt: skip
     passed("flash_attention", count, hidden=True)
 
 

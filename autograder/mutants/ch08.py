@@ -308,6 +308,101 @@ def flash_attention(q, k, v, causal=False, return_lse=False):
     ),
 ]
 
+# The logsumexp (return_lse=True): its output is right, its lse is not.
+_LSE_LINE = 'lse = tl.where(l > 0, m + tl.log(tl.where(l > 0, l, 1.0)), float("-inf"))'
+MUTANTS += [
+    Mutant(
+        "flash_attention",
+        "lse_in_log2_units",
+        "logsumexp in base 2",
+        _edits(
+            FL,
+            ("H, L, S, D, 1.0 / math.sqrt(D)", "H, L, S, D, math.log2(math.e) / math.sqrt(D)"),
+            ("p = tl.exp(s - m_use[:, None])", "p = tl.math.exp2(s - m_use[:, None])"),
+            ("corr = tl.exp(m - m_use)", "corr = tl.math.exp2(m - m_use)"),
+            (_LSE_LINE, _LSE_LINE.replace("m + tl.log(", "m + tl.log2(")),
+        ),
+    ),
+    Mutant(
+        "flash_attention",
+        "lse_without_the_max",
+        "logsumexp without the max",
+        _edit(FL, _LSE_LINE, _LSE_LINE.replace("m + tl.log(", "tl.log(")),
+    ),
+    Mutant(
+        "flash_attention",
+        "lse_of_the_last_tile_only",
+        "only the last key tile's sum",
+        _edits(
+            FL,
+            ("l = l * corr + tl.sum(p, axis=1)", "l_tile = tl.sum(p, axis=1)\n                    l = l * corr + l_tile"),
+            ("            hi_n = S  #", "            l_tile = tl.zeros([BM], dtype=tl.float32)\n            hi_n = S  #"),
+            (_LSE_LINE, _LSE_LINE.replace("l > 0", "l_tile > 0").replace("0, l, 1.0", "0, l_tile, 1.0")),
+        ),
+    ),
+    Mutant(
+        "flash_attention",
+        "lse_in_the_dtype_of_q",
+        "should be float32",
+        _edit(FL, "lse = torch.empty((B, H, L), dtype=torch.float32", "lse = torch.empty((B, H, L), dtype=q.dtype"),
+    ),
+    Mutant(
+        "flash_attention",
+        "lse_zero_where_no_key_is_seen",
+        "must get a logsumexp of -inf",
+        _edit(FL, _LSE_LINE, "lse = tl.where(l > 0, m, 0.0) + tl.log(tl.where(l > 0, l, 1.0))"),
+    ),
+    Mutant(
+        "flash_attention",
+        "lse_from_a_second_pass_without_the_causal_mask",
+        "ignores the causal mask",
+        _edit(
+            FL,
+            "            " + _LSE_LINE + "\n",
+            '            m2 = tl.zeros([BM], dtype=tl.float32) - float("inf")\n'
+            "            l2 = tl.zeros([BM], dtype=tl.float32)\n"
+            "            for n2 in range(0, S, BN):  # a second pass over the keys, for the logsumexp\n"
+            "                cols2 = n2 + tl.arange(0, BN)\n"
+            "                k2 = tl.load(K + bi * kb + hi * kh + cols2[None, :] * ks + dims[:, None],\n"
+            "                             mask=(cols2[None, :] < S) & (dims[:, None] < D), other=0.0)\n"
+            '                s2 = tl.dot(q, k2, input_precision="ieee") * scale\n'
+            '                s2 = tl.where(cols2[None, :] < S, s2, float("-inf"))\n'
+            "                m2_new = tl.maximum(m2, tl.max(s2, axis=1))\n"
+            "                l2 = l2 * tl.exp(m2 - m2_new) + tl.sum(tl.exp(s2 - m2_new[:, None]), axis=1)\n"
+            "                m2 = m2_new\n"
+            "            lse = m2 + tl.log(l2)\n",
+        ),
+    ),
+]
+
+# The split loop: an unmasked loop over the key tiles every row sees whole, then a masked diagonal/tail step.
+MUTANTS += [
+    Mutant(
+        "flash_attention",
+        "masked_step_skipped",
+        "skipped the masked step",
+        _edit(FL, "for phase in tl.static_range(2):", "for phase in tl.static_range(1):"),
+    ),
+    Mutant(
+        "flash_attention",
+        "diagonal_step_skipped",
+        "skipped the diagonal key tiles",
+        _edit(FL, "lo = 0 if phase == 0 else full_end", "lo = 0 if phase == 0 else S // BN * BN  # the tail"),
+    ),
+    Mutant(
+        "flash_attention",
+        "tail_step_skipped",
+        "skipped the last, partial key tile",
+        _edit(FL, "            hi_n = S  #", "            hi_n = S // BN * BN  #"),
+    ),
+    Mutant(
+        "flash_attention",
+        "unmasked_loop_bounded_by_the_last_row",
+        "the unmasked loop ran over key tiles that need the causal mask",
+        _edit(FL, "tl.maximum(pid_m * BM + S - L + 1, 0)", "tl.maximum((pid_m + 1) * BM + S - L, 0)"),
+    ),
+]
+
 # Kernels with GPU-sized tiles (128 query rows): on inputs of at most 48 queries they have one query tile, so the
 # mistakes below passed every check until the hidden checks added L > 256.
 _BIG = _edit(FL, "BM, BN, warps, stages = 16, 16, 4, 1", "BM, BN, warps, stages = 128, 64, 4, 1")
