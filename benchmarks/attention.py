@@ -1,10 +1,10 @@
 """Attention on a GPU, measured side by side in one run: the course's layers and kernels against PyTorch's.
 
-    python benchmarks/attention.py [--out benchmarks/results] [--quick] [--suite layers,kernels]
+    python benchmarks/attention.py [--out benchmarks/results] [--quick] [--suite layers,kernels,training]
     python benchmarks/attention.py --plot-only benchmarks/results/2026-12-01-h100-80gb-hbm3.json
     python -m benchmarks.attention ...                       (the same)
 
-Two suites, forward pass, bfloat16:
+Three suites, bfloat16 (the first two forward only):
 
 * ``layers`` (chapter 7): a whole self-attention layer x (B, L, E) -> (B, L, E): a naive layer
   written here (three projections, the L x L scores, softmax, weights @ V, output projection),
@@ -17,6 +17,11 @@ Two suites, forward pass, bfloat16:
 * ``kernels`` (chapter 8): chapter 8's Triton ``flash_attention`` on q, k, v (B, H, N, D) against
   SDPA's default and each pinned backend, at the FlashAttention papers' shapes: B*N = 16384,
   H*D = 2048, N in {1k, 2k, 4k, 8k, 16k}, D in {64, 128}, causal and not.
+* ``training`` (chapter 9): forward + backward (``torch.autograd.grad`` of the output for q, k, v with a
+  random output gradient) at the kernels' shapes: chapter 9's ``TritonFlashAttentionFunction`` (chapter 8's
+  forward with its logsumexp, chapter 9's Triton backward) against SDPA's default and its flash, efficient
+  and cuDNN backends pinned; FLOPs 3.5x the forward's. Its gate checks the output and the three gradients
+  against float64 autograd through the math backend before anything is timed.
 
 Before anything is timed, each implementation passes a correctness gate at a small shape (its
 bf16 output against a float32 reference, see ``GATE_TOL``) or is reported "wrong" and not timed.
@@ -90,6 +95,9 @@ COURSE_IMPLS = ("ch04", "fused", "triton")
 CH04 = ("solutions.ch04_multi_head_attention", "MultiHeadAttention")
 CH07 = ("solutions.ch07_multi_head_attention_on_gpu", "FusedMultiHeadAttention")
 CH08 = ("solutions.ch08_flash_attention", "flash_attention")
+CH09 = ("solutions.ch09_flash_attention_backward", "TritonFlashAttentionFunction")
+# Gradients in bf16 round dO, P, dS and the products once more than the forward: a little more room.
+GRAD_GATE_TOL = {torch.bfloat16: 4e-2, torch.float32: 1e-3}
 
 
 @dataclass(frozen=True)
@@ -133,11 +141,17 @@ QUICK = Sweep(
     chunk_ms=5.0,
     warmup_ms=15.0,
 )
-GPU_GATE = {"layers": {"batch": 2, "seq_len": 256}, "kernels": {"batch": 2, "heads": 4, "seq_len": 256}}
+GPU_GATE = {
+    "layers": {"batch": 2, "seq_len": 256},
+    "kernels": {"batch": 2, "heads": 4, "seq_len": 256},
+    "training": {"batch": 2, "heads": 4, "seq_len": 256},
+}
 CPU_GATE = {
     "layers": {"batch": 2, "seq_len": 16, "embed_dim": 64, "heads": 4},
     "kernels": {"batch": 1, "heads": 2, "seq_len": 48, "head_dim": 32},
+    "training": {"batch": 1, "heads": 2, "seq_len": 40, "head_dim": 16},
 }
+SUITES = ("layers", "kernels", "training")
 
 Impl = Callable[..., torch.Tensor]
 
@@ -235,6 +249,36 @@ def kernel_impls(causal: bool) -> dict[str, Impl | str]:
     return impls
 
 
+def training_impls(causal: bool) -> dict[str, Impl | str]:
+    """Every forward + backward as ``f(q, k, v, grad_out) -> (out, dq, dk, dv)`` on (B, H, N, D), or why it cannot run.
+
+    Ours is chapter 9's ``TritonFlashAttentionFunction``, imported only here (the chapter may not be there yet:
+    then its row says so and the others still run)."""
+    function, why = load_optional(*CH09)
+
+    def backward_of(forward: Callable[..., torch.Tensor]) -> Impl:
+        def run(q, k, v, grad_out):
+            with torch.enable_grad():
+                q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+                out = forward(q, k, v)
+                return (out.detach(), *torch.autograd.grad(out, (q, k, v), grad_out))
+
+        return run
+
+    impls: dict[str, Impl | str] = {"triton": backward_of(lambda q, k, v: function.apply(q, k, v, causal)) if function else why}
+
+    def sdpa(name: str) -> Callable[..., torch.Tensor]:
+        def forward(q, k, v):
+            with pinned(name):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+        return forward
+
+    for name in am.TRAINING_IMPLS[1:]:
+        impls[name] = backward_of(sdpa(name))
+    return impls
+
+
 def make_mha(embed_dim: int, heads: int, device: torch.device, seed: int = 0) -> nn.MultiheadAttention:
     """A float32 ``nn.MultiheadAttention`` in eval mode with non-zero biases (PyTorch starts them at
     zero, which would hide a layer that drops them)."""
@@ -283,6 +327,44 @@ def gate_kernels(
     with sdpa_kernel(SDPBackend.MATH):
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
     return _gate(impls, ref, (q, k, v), dtype)
+
+
+def gate_training(
+    impls: dict[str, Impl | str], shape: tuple[int, int, int, int], causal: bool, device: torch.device, dtype=DTYPE
+) -> dict[str, tuple[str, str]]:
+    """Each forward + backward in ``dtype``: its output and dq, dk, dv against float64 autograd through the math
+    SDPA backend on the same (rounded) q, k, v and output gradient; the worst of the four relative errors."""
+    torch.manual_seed(3)
+    q, k, v, grad_out = (torch.randn(shape, device=device).to(dtype) for _ in range(4))
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+        out64 = F.scaled_dot_product_attention(*leaves, is_causal=causal)
+        refs = (out64.detach(), *torch.autograd.grad(out64, leaves, grad_out.double()))
+    verdicts = {}
+    for name, fn in impls.items():
+        if isinstance(fn, str):
+            verdicts[name] = ("unsupported", fn)
+            continue
+        status, note, got = am.guarded(lambda fn=fn: _synced(fn, q, k, v, grad_out))
+        verdicts[name] = grad_gate_error(got, refs, dtype) if status == "ok" else (status, note)
+    return verdicts
+
+
+def grad_gate_error(got: Any, refs: tuple[torch.Tensor, ...], dtype: torch.dtype) -> tuple[str, str]:
+    """("ok" | "wrong", note) for (out, dq, dk, dv) against their float64 references."""
+    names = ("out", "dq", "dk", "dv")
+    if not isinstance(got, tuple) or len(got) != 4 or not all(isinstance(t, torch.Tensor) for t in got):
+        return "wrong", "did not return the output and three gradients"
+    tol = GRAD_GATE_TOL[dtype]
+    errors = {}
+    for name, g, ref in zip(names, got, refs, strict=True):
+        if tuple(g.shape) != tuple(ref.shape) or g.dtype != dtype:
+            return "wrong", f"{name}: {tuple(g.shape)} {g.dtype}, expected {tuple(ref.shape)} {dtype}"
+        errors[name] = ((g.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+    text = ", ".join(f"{n} {e:.2e}" for n, e in errors.items())
+    if not all(math.isfinite(e) and e <= tol for e in errors.values()):
+        return "wrong", f"gradient gate failed: max|x - ref| / max|ref| = {text} (tolerance {tol:.0e})"
+    return "ok", f"gradient gate passed: max|x - ref| / max|ref| = {text} <= {tol:.0e}"
 
 
 def _gate(impls: dict[str, Impl | str], ref: torch.Tensor, args: tuple, dtype: torch.dtype) -> dict[str, tuple[str, str]]:
@@ -444,6 +526,23 @@ def run_kernels(sweep: Sweep, device: torch.device, record: Callable[[list[dict]
                 record(run_point("kernels", shape, impls, verdicts, inputs, flops, sweep, ("sdpa:default",)))
 
 
+def run_training(sweep: Sweep, device: torch.device, record: Callable[[list[dict]], None]) -> None:
+    """Forward + backward at the kernels' shapes; the gate first (gradients), then the timings."""
+    for head_dim in sweep.kernel_head_dims:
+        heads = sweep.kernel_hidden // head_dim
+        for causal in sweep.kernel_causal:
+            impls = training_impls(causal)
+            g = GPU_GATE["training"]
+            verdicts = gate_training(impls, (g["batch"], g["heads"], g["seq_len"], head_dim), causal, device)
+            _print_gate(f"training (forward + backward) D={head_dim} causal={causal}", verdicts)
+            for length in sweep.kernel_lengths:
+                batch = max(1, sweep.tokens // length)
+                shape = (batch, heads, length, head_dim, causal)
+                inputs = lambda shape=shape: tuple(torch.randn(shape[:4], device=device, dtype=DTYPE) for _ in range(4))
+                flops = am.attention_flops(batch, heads, length, length, head_dim, causal, mode="fwd+bwd")
+                record(run_point("training", shape, impls, verdicts, inputs, flops, sweep, am.TRAINING_IMPLS[1:]))
+
+
 def run_point(
     suite: str,
     shape: tuple[int, int, int, int, bool],
@@ -559,7 +658,7 @@ def summary(result: dict) -> str:
             f"{_fmt(r['median_ms'], '9.3f')} {_fmt(r['iqr_ms'], '7.3f')} {_fmt(r['tflops'], '8.1f')} {_fmt(mem, '6.2f')}  {r['status']:11}  {r['note'][:100]}"
         )
     lines.append("ratios (" + am.RATIO_DEFINITION + "):")
-    for suite in ("layers", "kernels"):
+    for suite in SUITES:
         for label, data in result["ratios"].get(suite, {}).items():
             points = ", ".join(
                 f"{_where(suite, p)}: {p['value']:.2f}" + (f" ({p['best']})" if "best" in p else "") for p in data["points"]
@@ -609,6 +708,20 @@ def cpu_gate(suites: list[str]) -> int:
                 )
             _print_gate(f"kernels on the CPU, bf16, B,H,N,D={shape} causal={causal}", verdicts)
             wrong |= any(v[0] == "wrong" for name, v in verdicts.items() if name in COURSE_IMPLS)
+    if "training" in suites:
+        g = CPU_GATE["training"]
+        shape = (g["batch"], g["heads"], g["seq_len"], g["head_dim"])
+        for causal in (False, True):
+            impls = training_impls(causal)
+            triton_impl = impls.pop("triton")
+            verdicts = gate_training(impls, shape, causal, torch.device("cpu"))
+            if isinstance(triton_impl, str):
+                verdicts["triton"] = ("unsupported", triton_impl)
+            else:  # bf16 tl.dot is wrong under the interpreter: gate the kernels in float32 instead
+                status, note = gate_training({"triton": triton_impl}, shape, causal, torch.device("cpu"), torch.float32)["triton"]
+                verdicts["triton"] = (status, note + " [float32 under TRITON_INTERPRET=1; bf16 skipped on the CPU]")
+            _print_gate(f"training (forward + backward) on the CPU, bf16, B,H,N,D={shape} causal={causal}", verdicts)
+            wrong |= any(v[0] == "wrong" for name, v in verdicts.items() if name in COURSE_IMPLS)
     print("speed ratios need a CUDA GPU; no timings were taken")
     return 1 if wrong else 0
 
@@ -652,14 +765,16 @@ def gpu_run(suites: list[str], sweep: Sweep, out_dir: Path, device: torch.device
         "shapes": {
             "layers": f"B = {sweep.layer_batch}, H = {sweep.layer_heads}, E = H*D in {list(sweep.layer_dims)}, not causal",
             "kernels": f"B*N = {sweep.tokens}, H*D = {sweep.kernel_hidden}",
+            "training": f"B*N = {sweep.tokens}, H*D = {sweep.kernel_hidden}; forward + backward",
         },
+        "training_gate": f"output and dq, dk, dv in bf16 vs float64 autograd through math SDPA at a small shape: max|x - ref| / max|ref| <= {GRAD_GATE_TOL[DTYPE]:g} each",
         "impls": {
             "naive": "written in the harness: three projections, (B, H, L, L) scores, softmax, weights @ V, output projection",
             "sdpa:*": "layers: one QKV matmul + F.scaled_dot_product_attention + output projection, written in the harness; kernels: F.scaled_dot_product_attention alone; "
             "sdpa:<backend> pinned with torch.nn.attention.sdpa_kernel, sdpa:default unpinned",
             "fused": f"{CH07[0]}.{CH07[1]}",
             "ch04": f"{CH04[0]}.{CH04[1]}",
-            "triton": f"{CH08[0]}.{CH08[1]}",
+            "triton": f"kernels: {CH08[0]}.{CH08[1]}; training: {CH09[0]}.{CH09[1]}.apply, then torch.autograd.grad",
         },
     }
     print(f"{name}: {peak_note}\nwriting {path}")
@@ -675,6 +790,8 @@ def gpu_run(suites: list[str], sweep: Sweep, out_dir: Path, device: torch.device
             run_layers(sweep, device, record)
         if "kernels" in suites:
             run_kernels(sweep, device, record)
+        if "training" in suites:
+            run_training(sweep, device, record)
     info["complete"] = True
     info["wall_seconds"] = round(time.perf_counter() - started, 1)
     record([])
@@ -689,7 +806,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="folder for the JSON and PNGs")
     parser.add_argument("--quick", action="store_true", help="a reduced sweep (under 2 minutes on an H100)")
-    parser.add_argument("--suite", default="layers,kernels", help="comma-separated: layers, kernels")
+    parser.add_argument("--suite", default=",".join(SUITES), help="comma-separated: " + ", ".join(SUITES))
     parser.add_argument("--plot-only", type=Path, metavar="FILE.json", help="redraw the plots (and the summary) of a result")
     args = parser.parse_args(argv)
     if args.plot_only:
@@ -699,8 +816,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {png}")
         return 0
     suites = [s.strip() for s in args.suite.split(",") if s.strip()]
-    if not suites or set(suites) - {"layers", "kernels"}:
-        parser.error(f"--suite takes layers and/or kernels, got {args.suite!r}")
+    if not suites or set(suites) - set(SUITES):
+        parser.error(f"--suite takes any of {', '.join(SUITES)}, got {args.suite!r}")
     torch.set_float32_matmul_precision("highest")  # float32 references without TF32
     if torch.cuda.is_available():
         if os.environ.pop("TRITON_INTERPRET", None) and "triton" not in sys.modules:

@@ -39,12 +39,16 @@ SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
 PINNED_SDPA = tuple(f"sdpa:{b}" for b in SDPA_BACKENDS)
 LAYER_IMPLS = ("naive", "ch04", "nn.MultiheadAttention", "fused", "sdpa:default", *PINNED_SDPA)
 KERNEL_IMPLS = ("triton", "sdpa:default", *PINNED_SDPA)
+# forward + backward: the fused backends only (math SDPA's backward materialises the L x L matrices)
+TRAINING_IMPLS = ("triton", "sdpa:default", "sdpa:flash", "sdpa:efficient", "sdpa:cudnn")
+FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}  # the backward's five matmuls against the forward's two
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, in TFLOP/s.
 PEAKS = {"H100 SXM": 989.0, "H200": 989.0, "H100 PCIe": 756.0}
 
 FLOPS_CONVENTION = {
     "kernels": "attention only: 4*B*H*N*N*D per forward (two matmuls, a multiply-add = 2 FLOPs), halved when causal",
+    "training": "attention only, forward + backward: 3.5 x the forward's 4*B*H*N*N*D (backward 2.5 x), halved when causal",
     "layers": "whole layer: attention 4*B*H*L*L*D plus the projections 8*B*L*E^2 (Q, K, V and output, E = H*D); "
     "softmax, scale and biases are not counted",
 }
@@ -59,10 +63,11 @@ RATIO_DEFINITION = (
 # ---------------------------------------------------------------- FLOPs and throughput
 
 
-def attention_flops(batch: int, heads: int, L: int, S: int, head_dim: int, causal: bool = False) -> float:
+def attention_flops(batch: int, heads: int, L: int, S: int, head_dim: int, causal: bool = False, mode: str = "fwd") -> float:
     """FLOPs of one attention forward on q (B, H, L, D), k and v (B, H, S, D): Q K^T and P V,
-    2*B*H*L*S*D each; halved when causal (the FlashAttention papers' convention)."""
-    flops = 4.0 * batch * heads * L * S * head_dim
+    2*B*H*L*S*D each; halved when causal (the FlashAttention papers' convention). ``mode`` "bwd" is 2.5x that
+    (the backward recomputes Q K^T and adds dV, dP, dQ and dK), "fwd+bwd" 3.5x."""
+    flops = 4.0 * batch * heads * L * S * head_dim * FLOP_FACTOR[mode]
     return flops / 2 if causal else flops
 
 
@@ -299,9 +304,11 @@ def compute_ratios(rows: list[dict], peak: float | None) -> dict:
             "triton/best_sdpa": ("triton", "best_sdpa"),
         },
     }
+    wanted["training"] = dict(wanted["kernels"])  # forward + backward: the same ratios
     if peak:
         wanted["layers"]["fused/peak"] = ("fused", "peak")
         wanted["kernels"]["triton/peak"] = ("triton", "peak")
+        wanted["training"]["triton/peak"] = ("triton", "peak")
     else:
         ratios["peak_note"] = "peak_tflops is null for this device: ours/peak omitted"
     seen = [

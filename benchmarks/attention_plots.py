@@ -14,13 +14,14 @@ from pathlib import Path
 from benchmarks import attention_measure as am
 
 METRICS = {
-    "time": ("median_ms", "median ms per forward (log; band: ± IQR/2)", "time"),
+    "time": ("median_ms", "median ms per call (log; band: ± IQR/2)", "time"),
     "tflops": ("tflops", "achieved TFLOP/s", "throughput"),
     "memory": ("peak_mem_bytes", "peak memory allocated (GiB)", "peak memory"),
 }
 SUITE_TITLES = {
     "layers": "Self-attention layers, bf16 forward (FLOPs: attention + projections)",
     "kernels": "Attention kernels, bf16 forward (FLOPs: attention only)",
+    "training": "Attention kernels, bf16 forward + backward (FLOPs: 3.5 x the forward's)",
 }
 IMPL_ORDER = (*am.LAYER_IMPLS, "triton")
 
@@ -65,7 +66,7 @@ def plot_result(result: dict, json_path: Path) -> list[Path]:
         return []
     colours = {impl: plt.get_cmap("tab10")(i % 10) for i, impl in enumerate(IMPL_ORDER)}
     written = []
-    for suite in ("layers", "kernels"):
+    for suite in ("layers", "kernels", "training"):
         rows = [r for r in result["rows"] if r["suite"] == suite]
         if not rows:
             continue

@@ -68,7 +68,7 @@ def test_module_form_runs_one_suite(tmp_path):
 
 def test_unknown_suite_is_refused():
     result = _run("benchmarks/attention.py", "--suite", "layers,backward")
-    assert result.returncode == 2 and "--suite takes layers and/or kernels" in result.stderr
+    assert result.returncode == 2 and "--suite takes any of layers, kernels, training" in result.stderr
 
 
 # ---------------------------------------------------------------- arithmetic
@@ -282,6 +282,54 @@ def test_missing_chapter_module_is_reported_not_fatal(monkeypatch):
     assert callable(impls["sdpa:default"])
 
 
+def test_training_gate_checks_the_gradients(monkeypatch):
+    """The forward + backward gate compares the output and dq, dk, dv with float64 autograd (math SDPA): a wrong
+    gradient is "wrong", SDPA itself passes, and a missing chapter 9 is reported, not fatal."""
+    monkeypatch.setattr(bench, "CH09", ("solutions.ch99_not_written_yet", "TritonFlashAttentionFunction"))
+    impls = bench.training_impls(causal=True)
+    assert isinstance(impls["triton"], str) and impls["triton"].startswith("unavailable: solutions.ch99_not_written_yet")
+    right = impls["sdpa:default"]
+
+    def dk_without_the_scale(q, k, v, grad_out):
+        out, dq, dk, dv = right(q, k, v, grad_out)
+        return out, dq, dk * math.sqrt(q.shape[-1]), dv
+
+    def dv_float32(q, k, v, grad_out):
+        out, dq, dk, dv = right(q, k, v, grad_out)
+        return out, dq, dk, dv.float()
+
+    shape = (1, 2, 24, 16)
+    verdicts = bench.gate_training(
+        {"sdpa:default": right, "bad": dk_without_the_scale, "f32": dv_float32, "triton": impls["triton"]},
+        shape,
+        True,
+        torch.device("cpu"),
+    )
+    assert verdicts["sdpa:default"][0] == "ok", verdicts
+    assert verdicts["bad"][0] == "wrong" and "dk" in verdicts["bad"][1]
+    assert verdicts["f32"][0] == "wrong" and "dv" in verdicts["f32"][1]
+    assert verdicts["triton"][0] == "unsupported"
+
+
+def test_training_flops_are_three_and_a_half_forwards():
+    fwd = am.attention_flops(2, 4, 1024, 1024, 64, True)
+    assert am.attention_flops(2, 4, 1024, 1024, 64, True, mode="fwd+bwd") == 3.5 * fwd
+    assert am.attention_flops(2, 4, 1024, 1024, 64, False, mode="bwd") == 2.5 * 2 * fwd
+
+
+@no_cuda
+@pytest.mark.skipif(
+    importlib.util.find_spec("solutions.ch09_flash_attention_backward") is None, reason="chapter 9 is not written yet"
+)
+def test_cpu_mode_gates_chapter_9s_backward(tmp_path):
+    """Without CUDA, the training suite gates the Triton forward + backward (float32, interpreted) and SDPA's."""
+    result = _run("benchmarks/attention.py", "--suite", "training", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"^\s+triton\s+ok\s+gradient gate passed", result.stdout, re.M), result.stdout
+    assert re.search(r"^\s+sdpa:default\s+ok\s+gradient gate passed", result.stdout, re.M), result.stdout
+    assert not TIMING.search(result.stdout)
+
+
 # ---------------------------------------------------------------- the GPU code path, dry, on the CPU
 
 
@@ -368,6 +416,26 @@ def test_dry_run_of_the_gpu_path(cpu_as_gpu, monkeypatch, tmp_path, capsys):
     pngs = sorted(p.name.removeprefix(path.stem) for p in tmp_path.glob("*.png"))
     assert pngs == sorted(f"-{s}-{m}.png" for s in ("layers", "kernels") for m in plots.METRICS)
     assert "fused/nn.MultiheadAttention" in capsys.readouterr().out
+
+
+def test_dry_run_of_the_training_suite(cpu_as_gpu, monkeypatch, tmp_path):
+    """Forward + backward rows at every shape, SDPA's backend named per row, FLOPs 3.5 forwards, ratios and plots."""
+    monkeypatch.setattr(bench, "CH09", ("solutions.ch99_not_written_yet", "TritonFlashAttentionFunction"))
+    monkeypatch.setitem(bench.GPU_GATE, "training", {"batch": 1, "heads": 2, "seq_len": 8})
+    with torch.no_grad():  # as gpu_run's caller does: the suite turns gradients on where it needs them
+        assert bench.gpu_run(["training"], cpu_as_gpu, tmp_path, device=torch.device("cpu")) == 0
+    [path] = tmp_path.glob("*.json")
+    result = bench.load_result(path)
+    rows = {(r["impl"], r["seq_len"], r["causal"]): r for r in result["rows"]}
+    assert {r["suite"] for r in result["rows"]} == {"training"} and len(rows) == 4 * len(am.TRAINING_IMPLS)
+    assert rows["triton", 32, True]["status"] == "unsupported" and "unavailable" in rows["triton", 32, True]["note"]
+    ok = rows["sdpa:default", 32, True]
+    assert ok["status"] == "ok" and "SDPA backend seen by torch.profiler: flash" in ok["note"]
+    assert ok["tflops"] == pytest.approx(am.attention_flops(2, 2, 32, 32, 16, True, "fwd+bwd") / (ok["median_ms"] * 1e-3) / 1e12)
+    assert result["ratios"]["training"]["triton/best_sdpa"]["points"] == []  # no triton, no ratio
+    assert sorted(p.name.removeprefix(path.stem) for p in tmp_path.glob("*.png")) == sorted(
+        f"-training-{m}.png" for m in plots.METRICS
+    )
 
 
 # ---------------------------------------------------------------- plots from a JSON
