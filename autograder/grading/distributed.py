@@ -181,7 +181,6 @@ def run_cluster(
     pending: list[Submission], opts: Options, scheduler: str, progress, notebook_timeout: int, log=print, wait: float = 300
 ) -> dict:
     """Grade ``pending`` on the workers of the Dask cluster at ``scheduler``; returns ``{key: result}``."""
-    from distributed import wait as wait_futures
     from distributed.scheduler import KilledWorker
 
     from autograder.grade import _crash_result, mark_crashed
@@ -215,7 +214,9 @@ def run_cluster(
                         sub = remaining[queue.pop(0)]
                         fut = client.submit(grade_task, config, make_task(sub, opts), key=task_key(sub, opts), pure=False)
                         in_flight[fut] = (sub.key, time.monotonic())
-                done, _ = wait_futures(list(in_flight), timeout=1, return_when="FIRST_COMPLETED")
+                done = [f for f in in_flight if f.done()]
+                if not done:
+                    time.sleep(0.25)
                 for fut in done:
                     key, _started = in_flight.pop(fut)
                     sub = remaining[key]
@@ -223,6 +224,8 @@ def run_cluster(
                         reply = fut.result()
                         result = store(opts, sub, reply)
                         modes.add(reply.get("mode", ""))
+                        if reply.get("fallback") and reply["worker"] not in seen_workers:
+                            log(f"worker {reply['worker']}: kernels start in a fresh sandbox each ({reply['fallback']})")
                         seen_workers.add(reply["worker"])
                     elif fut.status == "error":
                         exc = fut.exception()
@@ -329,6 +332,7 @@ class _WorkerState:
         self.slot, self._slot_lock = _claim_slot()
         self.root = Path(tempfile.mkdtemp(prefix=f"ag-d{self.slot}-", dir=tempfile.gettempdir()))
         os.chmod(self.root, 0o755)
+        write_json_atomic(self.root / "worker.json", {"pid": os.getpid(), "name": _worker_name(), "slot": self.slot})
         self.course = self.root / "c"
         self.sandbox = None
         try:
@@ -431,6 +435,7 @@ class _WorkerState:
                 "artifacts": artifacts,
                 "worker": _worker_name(),
                 "mode": self.sandbox.mode if self.sandbox else "no sandbox",
+                "fallback": self.sandbox.fallback_reason if self.sandbox else "",
             }
         finally:
             shutil.rmtree(inbox, ignore_errors=True)
