@@ -30,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from autograder.checks import torch_refs as R
 from autograder.checks import trusted as T
-from autograder.checks.ch08 import _device, _is_torch_math, _LaunchCounter, _observed, _Recorder
+from autograder.checks.ch08 import _device, _is_torch_math, _LaunchCounter, _observed, _Recorder, _visible
 from autograder.checks.common import CheckFailure, call, diagnose, max_error, passed, show
 from autograder.checks.torch_refs import BF16, F16, F32, F64
 from autograder.grading.remote import current_remote, is_remote
@@ -144,18 +144,6 @@ CHAIN_HINT_TRITON = "If flash_attention_backward (the Triton exercise) fails its
 
 # ---------------------------------------------------------------------------------------------
 # Float64 oracle (torch.autograd through SDPA's math backend) and the known mistakes (NumPy)
-
-
-def _visible(L: int, S: int, causal: bool, mode: str = "") -> np.ndarray:
-    i = T.np_arange(L)[:, None]
-    j = T.np_arange(S)[None, :]
-    if not causal or mode == "not_causal":
-        return _np_full((L, S), True)
-    if mode == "top_left":
-        return j <= i
-    if mode == "off_by_one":
-        return j < i + (S - L)
-    return j <= i + (S - L)
 
 
 def _oracle(q, k, v, g, causal: bool) -> tuple:

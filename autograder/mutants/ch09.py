@@ -173,6 +173,16 @@ BT, FN, TK, TFN, FD = (
     "flash_decode",
 )
 
+
+def _lse_on_ctx(template: str) -> str:
+    """The Function ``template`` keeping the logsumexp as a ctx attribute instead of saving it."""
+    return edit(
+        template,
+        ("ctx.save_for_backward(q, k, v, o, lse)", "ctx.save_for_backward(q, k, v, o)\n        ctx.lse = lse"),
+        ("q, k, v, o, lse = ctx.saved_tensors", "q, k, v, o = ctx.saved_tensors\n        lse = ctx.lse"),
+    )
+
+
 MUTANTS = [
     # -- flash_attention_backward_tiled ------------------------------------------------------------
     Mutant(BT, "forgot_delta", "forgot D", edit(T, ("dS = P * (dP - Di)", "dS = P * dP"))),
@@ -256,16 +266,7 @@ MUTANTS = [
             ("        q, k, v, o, lse = ctx.saved_tensors", "        q, k, v, o, lse, w = ctx.saved_tensors"),
         ),
     ),  # fmt: skip
-    Mutant(
-        FN,
-        "lse_as_ctx_attribute",
-        "kept a tensor as an attribute of ctx",
-        edit(
-            F,
-            ("ctx.save_for_backward(q, k, v, o, lse)", "ctx.save_for_backward(q, k, v, o)\n        ctx.lse = lse"),
-            ("q, k, v, o, lse = ctx.saved_tensors", "q, k, v, o = ctx.saved_tensors\n        lse = ctx.lse"),
-        ),
-    ),
+    Mutant(FN, "lse_as_ctx_attribute", "kept a tensor as an attribute of ctx", _lse_on_ctx(F)),
     Mutant(FN, "backward_not_causal", "ignored causal=True", edit(F, ("do, causal=ctx.is_causal)", "do)"))),
     Mutant(
         FN,
@@ -341,16 +342,7 @@ def flash_attention_backward(q, k, v, out, lse, grad_out, causal=False):
         "incorrect number of gradients",
         edit(TF, ("return grads[0], grads[1], grads[2], None", "return grads[0], grads[1], grads[2]")),
     ),
-    Mutant(
-        TFN,
-        "lse_as_ctx_attribute",
-        "kept a tensor as an attribute of ctx",
-        edit(
-            TF,
-            ("ctx.save_for_backward(q, k, v, o, lse)", "ctx.save_for_backward(q, k, v, o)\n        ctx.lse = lse"),
-            ("q, k, v, o, lse = ctx.saved_tensors", "q, k, v, o = ctx.saved_tensors\n        lse = ctx.lse"),
-        ),
-    ),
+    Mutant(TFN, "lse_as_ctx_attribute", "kept a tensor as an attribute of ctx", _lse_on_ctx(TF)),
     # -- flash_decode -------------------------------------------------------------------------------
     Mutant(
         FD,
