@@ -4,6 +4,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from autograder.provided.ch04 import MultiHeadAttention  # the setup cell's import: chapter 4's layer
+
 
 class TransformerBlock(nn.Module):
     """One Transformer encoder block, state-dict compatible with ``nn.TransformerEncoderLayer``.
@@ -42,8 +44,8 @@ class TransformerBlock(nn.Module):
         ### BEGIN SOLUTION
         if activation not in ("relu", "gelu"):
             raise ValueError(f"activation should be 'relu' or 'gelu', got {activation!r}")
-        # Chapter 4's layer; PyTorch's nn.MultiheadAttention is the same drop-in.
-        self.self_attn = nn.MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
+        # Chapter 4's layer, from the setup cell; nn.MultiheadAttention(..., batch_first=True) is the same drop-in.
+        self.self_attn = MultiHeadAttention(d_model, num_heads, dropout=dropout)
         self.linear1 = nn.Linear(d_model, d_ff)
         self.linear2 = nn.Linear(d_ff, d_model)
         self.norm1 = nn.LayerNorm(d_model, eps=1e-5)

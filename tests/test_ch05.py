@@ -10,7 +10,7 @@ from conftest import namespace
 
 from autograder.checks import ch05 as checks
 from autograder.course import find_chapter
-from autograder.mutants.ch04 import TEMPLATE as CH04_TEMPLATE
+from autograder.provided import ch04 as provided
 from autograder.mutants.ch05 import TEMPLATE
 from solutions.ch05_transformer_block import TransformerBlock, induction_score, previous_token_score
 
@@ -164,11 +164,11 @@ def test_scores_on_a_hand_made_example():
 def test_block_on_chapter_4s_attention_passes(hidden):
     """The contract's block: self_attn is chapter 4's MultiHeadAttention (what the setup cell provides), not PyTorch's.
 
-    Chapter 4's layer here is the correct one its mutants are edited from (independent of solutions/); the
-    checks, dropout placement included, accept a block built on it.
+    The setup cell imports autograder.provided.ch04's layer (the one chapter 4's mutants are edited from,
+    independent of solutions/); the checks, dropout placement included, accept a block built on it.
     """
     ns = namespace(find_chapter("05"))
-    exec(compile(CH04_TEMPLATE, "<ch04 MultiHeadAttention>", "exec"), ns)
+    assert ns["MultiHeadAttention"] is provided.MultiHeadAttention
     block = TEMPLATE.replace(
         "nn.MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)",
         "MultiHeadAttention(d_model, num_heads, dropout=dropout)",
