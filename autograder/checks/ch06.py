@@ -30,7 +30,7 @@ import torch
 
 from autograder.checks import torch_refs as R
 from autograder.checks import trusted as T
-from autograder.checks.common import CheckFailure, call, diagnose, max_error, passed, show, source_tree
+from autograder.checks.common import CheckFailure, call, diagnose, is_or_are, max_error, passed, show, source_tree
 from autograder.checks.objects import new_object, watched_call
 from autograder.checks.torch_refs import BF16, BOOL, F8, F16, F32, F64, I8
 from autograder.grading.remote import is_remote
@@ -87,11 +87,11 @@ def _pair(result, *, label: str, names: str) -> tuple:
 def _fail(
     label: str, what: str, actual: np.ndarray, expected: np.ndarray, atol: float, mistakes: list[str], extra: str = ""
 ) -> None:
-    lines = [f"{label}: the {what} is wrong."]
+    lines = [f"{label}: the {what} {is_or_are(what)} wrong."]
     if T._tuple(actual.shape) != T._tuple(expected.shape):
         lines[0] = f"{label}: the {what} should have shape {T._tuple(expected.shape)}, got {T._tuple(actual.shape)}."
     else:
-        lines[0] = f"{label}: the {what} is wrong (largest error {max_error(actual, expected):.3g}, tolerance {atol:.1g})."
+        lines[0] = f"{label}: the {what} {is_or_are(what)} wrong (largest error {max_error(actual, expected):.3g}, tolerance {atol:.1g})."
     lines += [f"  expected: {show(expected)}", f"  got:      {show(actual)}"]
     if not T.np_isfinite(actual).all() and T.np_isfinite(expected).all():
         lines.append("  Your result contains NaN or inf where the correct one is finite.")

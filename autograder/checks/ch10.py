@@ -51,7 +51,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from autograder.checks import torch_refs as R
 from autograder.checks import trusted as T
-from autograder.checks.common import CheckFailure, call, diagnose, max_error, passed, show
+from autograder.checks.common import CheckFailure, call, diagnose, is_or_are, max_error, passed, show
 from autograder.checks.torch_refs import BOOL, F32, F64
 from autograder.grading.remote import current_remote, is_remote
 
@@ -1161,7 +1161,7 @@ def _collective_note(result: dict) -> str:
 def _wrong(what: str, got: np.ndarray, want: np.ndarray, atol: float, mistake: str | None, reference: str) -> str:
     """The message of a wrong output or gradient: the error, both values, and the mistake if one was recognised."""
     lines = [
-        f"{what} is wrong (largest error {max_error(got, want):.3g}, tolerance {atol:.1g}).",
+        f"{what} {is_or_are(what)} wrong (largest error {max_error(got, want):.3g}, tolerance {atol:.1g}).",
         f"  expected ({reference}): {show(want)}",
         f"  got:      {show(got)}",
     ]

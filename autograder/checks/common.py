@@ -67,6 +67,16 @@ def to_float64(result, *, label: str, what: str = "result", allow_tensor: bool =
     raise CheckFailure(f"{label}: the {what} should be {wanted}, got {T.type_name(result)}.")
 
 
+_SINGULAR_S = ("ss", "us", "is", "bias", "lse", "logsumexp")
+
+
+def is_or_are(what: str) -> str:
+    """``"the weights are"``-style agreement: "are" when the last word of ``what`` is a plural noun."""
+    words = what.split("(")[0].split()  # "weights (second element)": the noun before the aside
+    last = words[-1].strip("`'\".,()") if words else ""
+    return "are" if last.endswith("s") and not last.endswith(_SINGULAR_S) else "is"
+
+
 def expect_shape(actual: np.ndarray, shape: tuple, *, label: str, what: str = "result") -> None:
     if T._tuple(actual.shape) != T._tuple(shape):
         raise CheckFailure(f"{label}: the {what} should have shape {T._tuple(shape)}, got {T._tuple(actual.shape)}.")
@@ -119,7 +129,7 @@ def expect_close(
         return
     mistake = diagnose(actual, fingerprints or {}, atol=max(atol, 1e-6))
     lines = [
-        f"{label}: the {what} is wrong (largest error {max_error(actual, expected):.3g}, tolerance {atol:.1g}).",
+        f"{label}: the {what} {is_or_are(what)} wrong (largest error {max_error(actual, expected):.3g}, tolerance {atol:.1g}).",
         f"  expected: {show(expected)}",
         f"  got:      {show(actual)}",
     ]
