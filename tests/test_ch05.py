@@ -10,8 +10,8 @@ from conftest import namespace
 
 from autograder.checks import ch05 as checks
 from autograder.course import find_chapter
-from autograder.provided import ch04 as provided
 from autograder.mutants.ch05 import TEMPLATE
+from autograder.provided import ch04 as provided
 from solutions.ch05_transformer_block import TransformerBlock, induction_score, previous_token_score
 
 COMBOS = [(nf, act) for nf in (True, False) for act in ("relu", "gelu")]

@@ -91,7 +91,9 @@ def _fail(
     if T._tuple(actual.shape) != T._tuple(expected.shape):
         lines[0] = f"{label}: the {what} should have shape {T._tuple(expected.shape)}, got {T._tuple(actual.shape)}."
     else:
-        lines[0] = f"{label}: the {what} {is_or_are(what)} wrong (largest error {max_error(actual, expected):.3g}, tolerance {atol:.1g})."
+        lines[0] = (
+            f"{label}: the {what} {is_or_are(what)} wrong (largest error {max_error(actual, expected):.3g}, tolerance {atol:.1g})."
+        )
     lines += [f"  expected: {show(expected)}", f"  got:      {show(actual)}"]
     if not T.np_isfinite(actual).all() and T.np_isfinite(expected).all():
         lines.append("  Your result contains NaN or inf where the correct one is finite.")
