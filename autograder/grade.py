@@ -538,6 +538,14 @@ def main(args) -> int:
         except ValueError as exc:
             print(str(exc), file=sys.stderr)
             return 2
+        if scheduler:  # before anything is written: is there a scheduler at all?
+            from autograder.grading.distributed import ClusterUnavailable, check_scheduler
+
+            try:
+                check_scheduler(scheduler, args.scheduler_wait, log)
+            except ClusterUnavailable as exc:
+                print(f"cannot grade on the cluster: {exc}", file=sys.stderr)
+                return 2
         from autograder.grading.gradebook import db_url, ensure_students, graded_pairs, redact
 
         source_sha = prepare_course(out, assignments, args.hidden_seed, db)

@@ -173,6 +173,11 @@ def _connect(scheduler: str, wait: float, log):
             time.sleep(2)
 
 
+def check_scheduler(scheduler: str, wait: float, log=print) -> None:
+    """Raise :class:`ClusterUnavailable` unless a scheduler answers at ``scheduler`` within ``wait`` seconds."""
+    _connect(scheduler, wait, log).close()
+
+
 class _Lost(Exception):
     pass
 
