@@ -530,7 +530,7 @@ def _expect_mask(result, expected: np.ndarray, *, label: str, fingerprints: dict
             break
     wrong = int((actual != expected).sum())
     lines = [
-        f"{label}: {wrong} of {expected.size} entries are wrong.",
+        f"{label}: {wrong} of {expected.size} entries {'is' if wrong == 1 else 'are'} wrong.",
         f"  expected: {show(expected.astype(int))}",
         f"  got:      {show(actual.astype(int))}",
     ]

@@ -725,7 +725,7 @@ def _run_job_on_rank(cls, job: dict, r: int, p: int, groups: dict):
         elif gp != p and got.get("in_proj_weight") == (3 * (e // p), e):
             hint = (
                 f"\n  Likely mistake: the layer ignored `group`: it split the heads over the world's {p} ranks, not over "
-                f"the {gp} ranks of its group (dist.get_world_size(group))."
+                f"the {gp} rank{'' if gp == 1 else 's'} of its group (dist.get_world_size(group))."
             )
         raise CheckFailure(
             f"{label}: the parameters should be exactly {want} (name: shape); got {got}. Name them as nn.MultiheadAttention "
