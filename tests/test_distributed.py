@@ -360,18 +360,19 @@ def test_faults_lose_nothing_and_grade_nothing_twice(tmp_path, postgres, cluster
     out = tmp_path / "out"
     url = postgres.new_db("faults")
     kills: dict[str, int] = {}
+    killed: set[int] = set()
     stop = threading.Event()
 
     def killer():  # "toxic" kills each worker that grades it; s1 kills the first one only
         while not stop.wait(0.1):
             for student, pid in cluster.grading().items():
-                if student == "toxic" or (student == "s1" and not kills.get("s1")):
+                if pid not in killed and (student == "toxic" or (student == "s1" and not kills.get("s1"))):
                     try:
                         os.kill(pid, signal.SIGKILL)
-                        kills[student] = kills.get(student, 0) + 1
                     except ProcessLookupError:
-                        pass
-                    time.sleep(1)
+                        continue
+                    killed.add(pid)
+                    kills[student] = kills.get(student, 0) + 1
 
     cluster.add_worker("w1")
     thread = threading.Thread(target=killer, daemon=True)
@@ -413,7 +414,8 @@ def test_faults_lose_nothing_and_grade_nothing_twice(tmp_path, postgres, cluster
 
     final = results(out)
     assert set(final) == set(students), "nothing lost"
-    assert kills.get("s1") == 1 and kills.get("toxic") == 2, kills
+    # toxic: two deaths in the rerun (allowed-failures 1); one more if the first run reached it before its kill
+    assert kills.get("s1") == 1 and kills.get("toxic", 0) >= 2, kills
     for s, kind in students.items():
         if s == "toxic":
             continue
@@ -426,7 +428,7 @@ def test_faults_lose_nothing_and_grade_nothing_twice(tmp_path, postgres, cluster
         rows = {r["student_id"]: r for r in csv.DictReader(f)}
     assert rows["toxic"]["status"] == "crashed" and "stopped the grading worker" in rows["toxic"]["message"]
     assert "given up on" in rerun.stdout
-    assert any(r["worker"] == "w2" for r in final.values()), "the late worker graded"
+    assert any(r.get("worker") == "w2" for r in final.values()), "the late worker graded"
 
     cells = one_row_per_cell(url)
     assert set(cells.values()) == {1} and len(cells) == (len(students) - 1) * 2 * len(CHAPTER.exercises)
