@@ -201,7 +201,8 @@ def canvas_csv(course: Path, roster: Path | None = None, match: str = "SIS User 
         value = r["score"] if r["status"] in ("graded", "ungradable") else ""
         points.setdefault(r["student_id"], {})[r["assignment"]] = value
         full = ", ".join(x for x in (r.get("last_name"), r.get("first_name")) if x)
-        names[r["student_id"]] = full or r["student_id"]
+        if full or r["student_id"] not in names:
+            names[r["student_id"]] = full or r["student_id"]
     max_points = {a: f"{find_chapter(a).max_score:g}" for a in assignments}
     buf = io.StringIO()
     writer = csv.writer(buf)
