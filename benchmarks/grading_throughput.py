@@ -18,6 +18,16 @@ are neither hostile nor broken.
 
     .venv/bin/python benchmarks/grading_throughput.py [--students 100] [--chapter 02] [--timeout 30]
 
+``--distributed`` times the cluster path instead: ``grade --workers W`` (the embedded local
+pool) against ``grade --scheduler`` with the same number W of Dask worker processes, on a
+scheduler and workers the benchmark starts on 127.0.0.1 (or on ``--scheduler ADDR``, an
+existing cluster), and the cluster with one worker, for the scaling from 1 to W. All use the
+SQLite gradebook of their own course directory (the workers are on this machine), so the
+difference is the distributed path itself: task transfer, the workers' scratch copies and
+the files sent back.
+
+    .venv/bin/python benchmarks/grading_throughput.py --distributed --students 12 --chapter 02
+
 Not a test: it takes minutes, and its figures depend on the machine.
 """
 
@@ -29,6 +39,8 @@ import json
 import os
 import platform
 import shutil
+import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -144,6 +156,114 @@ def loadavg() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
+class LocalCluster:
+    """``dask scheduler`` and ``dask worker`` processes on 127.0.0.1, as an instructor would start them."""
+
+    def __init__(self, env: dict):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.address = f"tcp://127.0.0.1:{self.port}"
+        self.env = env
+        self.dask = str(Path(sys.executable).parent / "dask")
+        self.log = open(Path(tempfile.gettempdir()) / f"bench-dask-{self.port}.log", "ab")  # noqa: SIM115
+        self.scheduler = self._spawn(["scheduler", "--host", "127.0.0.1", "--port", str(self.port), "--no-dashboard"])
+        self.workers: list[subprocess.Popen] = []
+        time.sleep(3)
+
+    def _spawn(self, args: list[str]) -> subprocess.Popen:
+        return subprocess.Popen(
+            [self.dask, *args], env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def scale(self, n: int) -> None:
+        """Exactly ``n`` worker processes, registered with the scheduler."""
+        from distributed import Client
+
+        while len(self.workers) > n:
+            os.killpg(self.workers.pop().pid, signal.SIGTERM)
+        while len(self.workers) < n:
+            name = f"w{len(self.workers) + 1}"
+            args = ["worker", self.address, "--name", name, "--nthreads", "1", "--memory-limit", "0", "--no-dashboard"]
+            self.workers.append(self._spawn(args))
+        with Client(self.address, timeout=30, set_as_default=False) as client:
+            deadline = time.monotonic() + 120
+            while len(client.scheduler_info()["workers"]) != n and time.monotonic() < deadline:
+                time.sleep(0.5)
+
+    def close(self) -> None:
+        for proc in self.workers + [self.scheduler]:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(10)
+        self.log.close()
+
+
+def time_grade(submitted: Path, course: Path, timeout: int, env: dict, *extra: str) -> tuple[float, str]:
+    cmd = [sys.executable, "-m", "autograder", "grade", str(submitted), "--out", str(course), "--timeout", str(timeout)]
+    t = time.monotonic()
+    r = subprocess.run(cmd + ["--quiet", *extra], cwd=ROOT, env=env, capture_output=True, text=True)
+    seconds = time.monotonic() - t
+    if r.returncode not in (0, 1):
+        raise SystemExit(f"grade failed ({r.returncode}):\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
+    return seconds, r.stdout
+
+
+def distributed_main(args, chapter, work: Path, kinds: dict, env: dict) -> int:
+    """Local pool vs Dask cluster with the same worker count, and the cluster's scaling from 1 worker."""
+    workers = args.workers or 2
+    n = args.students
+    runs = {"local": (workers, None), "cluster": (workers, "cluster"), "cluster_1": (1, "cluster")}
+    cluster = None if args.scheduler else LocalCluster(env)
+    address = args.scheduler or cluster.address
+    figures, scores_by = {}, {}
+    try:
+        for name, (count, kind) in runs.items():
+            course = work / name
+            shutil.rmtree(course, ignore_errors=True)
+            prepare(course, chapter)
+            if kind is None:
+                extra = ["--workers", str(count)]
+            else:
+                if cluster is not None:
+                    cluster.scale(count)
+                elif name == "cluster_1":
+                    continue  # an existing cluster keeps its size
+                extra = ["--scheduler", address]
+            print(f"load average before {name}: {loadavg()}", flush=True)
+            seconds, stdout = time_grade(work / "class" / "submitted", course, args.timeout, env, *extra)
+            figures[name] = seconds
+            scores_by[name] = scores(course, chapter.slug)
+            print(f"{name} ({count} worker{'s' * (count > 1)}): {seconds:.1f} s, {n / seconds * 60:.1f} per minute", flush=True)
+            print("\n".join(stdout.strip().splitlines()[-3:]), flush=True)
+    finally:
+        if cluster is not None:
+            cluster.close()
+    report = {
+        "chapter": chapter.slug,
+        "submissions": n,
+        "mix": {k: sum(1 for v in kinds.values() if v.split(":")[0] == k) for k in ("correct", "mutant", "hostile")},
+        "cores": os.cpu_count(),
+        "workers": workers,
+        "cell_timeout_s": args.timeout,
+        "load_after": loadavg(),
+    }
+    for name, seconds in figures.items():
+        report[f"{name}_seconds"] = round(seconds, 1)
+        report[f"{name}_per_minute"] = round(n / seconds * 60, 1)
+    if "cluster" in figures:
+        report["cluster_overhead_pct"] = round((figures["cluster"] / figures["local"] - 1) * 100, 1)
+        report["same_scores_local_and_cluster"] = scores_by["local"] == scores_by["cluster"]
+    if "cluster_1" in figures:
+        report[f"scaling_1_to_{workers}_workers"] = round(figures["cluster_1"] / figures["cluster"], 2)
+    print(json.dumps(report, indent=2))
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     default = next((c.slug for c in CHAPTERS if c.number >= 2), CHAPTERS[0].slug)
@@ -154,12 +274,21 @@ def main() -> int:
     p.add_argument("--figures", action="store_true", help="let `grade` draw figures too (as plain nbgrader does)")
     p.add_argument("--keep", help="keep the generated class and course directories here")
     p.add_argument("--only", choices=["plain", "ours"], help="time only one of the two")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="time the local pool against a Dask cluster with the same number of workers, and the cluster with 1 worker",
+    )
+    p.add_argument("--scheduler", help="with --distributed: an existing cluster to time instead of one started here")
     args = p.parse_args()
     chapter = find_chapter(args.chapter)
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="grading-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"chapter {chapter.slug}, {args.students} submissions, cell timeout {args.timeout} s, in {work}", flush=True)
     kinds = make_class(work / "class" / "submitted", work / "build", chapter, args.students)
+    if args.distributed or args.scheduler:
+        env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+        return distributed_main(args, chapter, work, kinds, env)
 
     plain, ours = work / "plain", work / "ours"
     for course in (plain, ours):
