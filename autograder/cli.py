@@ -69,13 +69,22 @@ def _grade(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from autograder.grading import exports
 
+    needs_source = args.format in ("gradescope", "gradescope-results", "canvas")
+    if needs_source and not args.source:
+        print(
+            f"export {args.format}: give the {'check JSON' if 'results' in args.format else 'course directory'}", file=sys.stderr
+        )
+        return 2
+    if args.format in ("gradescope-bundle", "gradescope-results") and not args.chapter:
+        print(f"export {args.format}: --chapter is required", file=sys.stderr)
+        return 2
     try:
         if args.format == "gradescope":
-            out = Path(args.out or Path(args.course) / "gradescope")
-            written = exports.export_gradescope(Path(args.course), out, args.hidden_visibility)
+            out = Path(args.out or Path(args.source) / "gradescope")
+            written = exports.export_gradescope(Path(args.source), out, args.hidden_visibility)
             print(f"{len(written)} results.json files under {out}")
         elif args.format == "gradescope-results":
-            text = Path(args.check_json).read_text() if Path(args.check_json).exists() else ""
+            text = Path(args.source).read_text() if Path(args.source).exists() else ""
             err = Path(args.stderr).read_text() if args.stderr and Path(args.stderr).exists() else ""
             body = json.dumps(exports.gradescope_from_check(text, args.chapter, err), indent=1) + "\n"
             if args.out:
@@ -87,11 +96,11 @@ def _export(args: argparse.Namespace) -> int:
             print(f"Gradescope autograder: {out} (upload it as the assignment's autograder zip)")
         else:
             roster = Path(args.roster) if args.roster else None
-            text = exports.canvas_csv(Path(args.course), roster, args.match)
-            out = Path(args.out or Path(args.course) / "canvas.csv")
+            text = exports.canvas_csv(Path(args.source), roster, args.match)
+            out = Path(args.out or Path(args.source) / "canvas.csv")
             out.write_text(text)
             print(f"Canvas gradebook: {out}")
-            for sid in exports.unmatched(Path(args.course), roster, args.match) if roster else []:
+            for sid in exports.unmatched(Path(args.source), roster, args.match) if roster else []:
                 print(f"not in the roster, left out: {sid}", file=sys.stderr)
     except (OSError, ValueError) as exc:
         print(f"cannot export: {exc}", file=sys.stderr)
@@ -135,29 +144,28 @@ def parser() -> argparse.ArgumentParser:
     _grade_arguments(s)
     s.set_defaults(func=_grade)
 
-    s = sub.add_parser("export", help="grades for Gradescope (results.json, an autograder zip) or Canvas (a gradebook CSV)")
-    formats = s.add_subparsers(dest="format", required=True)
-    e = formats.add_parser("gradescope", help="Gradescope's results.json for every graded submission of a course directory")
-    e.add_argument("course", help="the course directory `grade --out` wrote")
-    e.add_argument("--out", help="folder for <chapter>/<student>/results.json (default: COURSE/gradescope)")
-    e.add_argument("--hidden-visibility", default="visible", choices=["visible", "hidden", "after_due_date", "after_published"])
-    e = formats.add_parser(
-        "gradescope-results", help="Gradescope's results.json from `check --json` output (run_autograder uses it)"
+    s = sub.add_parser(
+        "export",
+        help="grades for Gradescope (results.json, an autograder zip) or Canvas (a gradebook CSV)",
+        description="gradescope COURSE: results.json per graded submission; gradescope-results CHECK_JSON: results.json "
+        "from `check --json` output (the bundle's run_autograder uses it); gradescope-bundle --chapter CH: the "
+        "autograder zip of a Gradescope assignment; canvas COURSE: a gradebook CSV for Canvas (Grades > Import)",
     )
-    e.add_argument("check_json", help="the file `check --json` wrote (empty or missing when it could not grade)")
-    e.add_argument("--stderr", help="the file `check` wrote its messages to (the reason when it could not grade)")
-    e.add_argument("--chapter", required=True)
-    e.add_argument("--out", help="where to write results.json (default: stdout)")
-    e = formats.add_parser("gradescope-bundle", help="the autograder zip of a Gradescope programming assignment")
-    e.add_argument("--chapter", required=True, help="the chapter the assignment grades (slug or number)")
-    e.add_argument("--out", help="the zip to write (default: ./autograder-<chapter>.zip)")
-    e = formats.add_parser("canvas", help="a gradebook CSV Canvas imports (Grades > Import)")
-    e.add_argument("course", help="the course directory `grade --out` wrote (its grades.csv)")
-    e.add_argument("--roster", help="a CSV exported from Canvas's gradebook: keep its students, ids and sections")
-    e.add_argument(
-        "--match", default="SIS User ID", help="the roster column holding the student ids grade used (default 'SIS User ID')"
+    s.add_argument("format", choices=["gradescope", "gradescope-results", "gradescope-bundle", "canvas"])
+    s.add_argument("source", nargs="?", help="the course directory `grade --out` wrote, or (gradescope-results) the check JSON")
+    s.add_argument("--out", help="where to write (a folder for gradescope, a file otherwise; see the defaults in the docs)")
+    s.add_argument("--chapter", help="gradescope-bundle, gradescope-results: the chapter (slug or number)")
+    s.add_argument("--stderr", help="gradescope-results: the file `check` wrote its messages to (the reason it could not grade)")
+    s.add_argument(
+        "--hidden-visibility",
+        default="visible",
+        choices=["visible", "hidden", "after_due_date", "after_published"],
+        help="gradescope: when students see the hidden tests' results (default visible, as on the feedback pages)",
     )
-    e.add_argument("--out", help="the CSV to write (default: COURSE/canvas.csv)")
+    s.add_argument("--roster", help="canvas: a CSV exported from Canvas's gradebook; keep its students, ids and sections")
+    s.add_argument(
+        "--match", default="SIS User ID", help="canvas: the roster column holding grade's student ids (default 'SIS User ID')"
+    )
     s.set_defaults(func=_export)
     return p
 
