@@ -96,11 +96,20 @@ DQ_OVERWRITE = (
     "and loops over the key blocks, or the programs add with tl.atomic_add)."
 )
 DV_FROM_DS = "dV uses dS instead of P: dV = P^T dO (the output is P V, so its gradient with respect to V is P^T dO)."
+USED_OUT = (
+    "used the output O where the recomputed weights P belong: dV = P^T dO with P = exp(s - lse), an (L, S) tile "
+    "per block of keys, not O^T dO (O = P V is what the forward returned, not the weights)."
+)
 SWAPPED = "returned the gradients in the wrong order: (dq, dk, dv)."
 FULL_MATRIX = "flash_attention_backward_tiled created a tensor as large as the whole (L, S) matrix"
 USED_TORCH = "flash_attention_backward must compute in Triton kernels, not with PyTorch's matrix products or exp"
 NO_KERNEL = "flash_attention_backward did not launch a Triton kernel"
 STORE_MASK = "wrote outside the tensors it was given: mask the stores of the last, partial tiles (rows < L, cols < S)."
+UNWRITTEN = (
+    "NaN in a gradient: new tensors hold a NaN sentinel during this check, so entries the kernels never stored "
+    "show up as NaN. Does each grid cover every block (cdiv(S, BLOCK_N) key blocks for dK and dV, cdiv(L, BLOCK_M) "
+    "query blocks for dQ) of every (batch, head), and does every program store its whole block?"
+)
 SAVED_P = (
     "saved a tensor as large as the (L, S) weights for the backward: FlashAttention saves only the (..., L) "
     "logsumexp beside q, k, v and out, and recomputes P tile by tile in the backward."
@@ -323,7 +332,9 @@ def _compare_grads(grads: tuple, q, k, v, g, oracle: tuple, *, label: str, dtype
         _compare(got, exp, label=label, what=name, atol=_atol(dtype, errors[i], scale), fingerprints=prints[i], extra=extra)
 
 
-def _grad_results(result, q, k, v, *, label: str, dtypes: tuple) -> tuple:
+def _grad_results(result, q, k, v, *, label: str, dtypes: tuple, out=None, g=None) -> tuple:
+    """The three gradients as float64 arrays, after their type, dtype and shape are checked (a wrong shape that
+    is another gradient's, or that of out^T dO, is named)."""
     if T._type(result) not in (T._tuple, T._list) or T._len(result) != 3:
         raise CheckFailure(f"{label}: should return a tuple (dq, dk, dv), got {T.type_name(result)}.")
     shapes = [T._tuple(R.shape_of(r)) if T.is_tensor(r) else None for r in result]
@@ -332,6 +343,12 @@ def _grad_results(result, q, k, v, *, label: str, dtypes: tuple) -> tuple:
         raise CheckFailure(
             f"{label}: the gradients have shapes {shapes}, expected {wanted} for (dq, dk, dv). Likely mistake: {SWAPPED}"
         )
+    if out is not None and T.is_tensor(result[2]) and shapes[2] != wanted[2]:
+        used_out = _np_matmul(T.np_swapaxes(out, -1, -2), g)  # (..., Dv, Dv): out where P belongs
+        if shapes[2] == T._tuple(used_out.shape):
+            got = T.tensor_to_float64(result[2])
+            if max_error(got, used_out) <= 1e-3 * _max(1.0, float(T.np_max(T.np_abs(used_out)))):
+                raise CheckFailure(f"{label}: dv should have shape {wanted[2]}, got {shapes[2]}. Likely mistake: {USED_OUT}")
     return T._tuple(
         _as_tensor(r, label=label, what=name, dtype=dt, shape=a.shape)
         for r, name, dt, a in _zip(result, ("dq", "dk", "dv"), dtypes, (q, k, v), strict=True)
@@ -372,9 +389,11 @@ def _check_backward(fn, q, k, v, g, *, causal: bool, dtype, block: int | None = 
             raise CheckFailure(f"{label}: {NO_KERNEL}. Launch @triton.jit kernels with kernel[grid](...).")
         if run["overrun"]:
             raise CheckFailure(f"{label}: the kernel {STORE_MASK} ({run['overrun']} elements written past the ends).")
-    grads = _grad_results(run["result"], q, k, v, label=label, dtypes=(dtype, dtype, dtype))
+    grads = _grad_results(run["result"], q, k, v, label=label, dtypes=(dtype, dtype, dtype), out=out64, g=g)
     blocks = (block,) if block is not None else (64,) if not triton else (16, 32, 64, 128)
-    _compare_grads(grads, q, k, v, g, oracle, label=label, dtype=dtype, causal=causal, blocks=blocks)
+    unwritten = triton and not all(T.np_isfinite(gr).all() for gr in grads)
+    _compare_grads(grads, q, k, v, g, oracle, label=label, dtype=dtype, causal=causal, blocks=blocks,
+                   extra=UNWRITTEN if unwritten else "")  # fmt: skip
     for nm, t, b in _zip(("q", "k", "v", "out", "lse", "grad_out"), (qt, kt, vt, ot, lt, gt), before, strict=True):
         if not R.t_equal(t, b):
             raise CheckFailure(f"{label}: {name} changed its input {nm} in place.")
@@ -645,7 +664,7 @@ def _check_function(cls, q, k, v, g, *, causal: bool, dtype, triton: bool, note:
     grads = run["grads"]
     if T._len(grads) != 3 or any(gr is None for gr in grads):
         raise CheckFailure(f"{label}: backward returned no gradient for some of q, k, v.")
-    arrays = _grad_results(grads, q, k, v, label=label, dtypes=(dtype, dtype, dtype))
+    arrays = _grad_results(grads, q, k, v, label=label, dtypes=(dtype, dtype, dtype), out=out64, g=g)
     blocks = (16, 32, 64, 128) if triton else (64,)
     if triton and run["forward_launches"] == 0:
         raise CheckFailure(f"{label}: {NO_TRITON_FORWARD}.")

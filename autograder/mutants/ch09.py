@@ -233,6 +233,16 @@ MUTANTS = [
     ),
     Mutant(
         BT,
+        "dv_from_out",
+        "used the output O where the recomputed weights P belong",
+        edit(
+            T,
+            ("        dV[..., j0:j1, :] = P.transpose(-1, -2) @ dO\n", ""),
+            ("    return dQ.to(q.dtype)", "    dV = O.transpose(-1, -2) @ dO\n    return dQ.to(q.dtype)"),
+        ),
+    ),
+    Mutant(
+        BT,
         "whole_score_matrix",
         "created a tensor as large as the whole",
         edit(
@@ -302,6 +312,12 @@ MUTANTS = [
         edit(K, ("cols[None, :] <= rows[:, None] + (S - L)", "cols[None, :] <= rows[:, None]")),
     ),
     Mutant(TK, "dk_without_scale", "dK is missing the scale", edit(K, ("dk * scale, mask=kv_msk", "dk, mask=kv_msk"))),
+    Mutant(
+        TK,
+        "grid_misses_the_last_key_block",
+        "entries the kernels never stored",
+        edit(K, ("bwd[(triton.cdiv(S, BN), BH)]", "bwd[(S // BN, BH)]")),
+    ),
     Mutant(
         TK,
         "unmasked_stores",
