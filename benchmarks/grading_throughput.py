@@ -184,7 +184,19 @@ class LocalCluster:
             os.killpg(self.workers.pop().pid, signal.SIGTERM)
         while len(self.workers) < n:
             name = f"w{len(self.workers) + 1}"
-            args = ["worker", self.address, "--name", name, "--nthreads", "1", "--memory-limit", "0", "--no-dashboard"]
+            args = [
+                "worker",
+                self.address,
+                "--name",
+                name,
+                "--nthreads",
+                "1",
+                "--memory-limit",
+                "0",
+                "--no-dashboard",
+                "--preload",
+                "autograder.grading.distributed",
+            ]
             self.workers.append(self._spawn(args))
         with Client(self.address, timeout=30, set_as_default=False) as client:
             deadline = time.monotonic() + 120

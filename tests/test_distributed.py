@@ -178,7 +178,19 @@ class Cluster:
             self._start_worker(name)
 
     def _start_worker(self, name: str) -> None:
-        args = ["worker", self.address, "--name", name, "--nthreads", "1", "--memory-limit", "0", "--no-dashboard"]
+        args = [
+            "worker",
+            self.address,
+            "--name",
+            name,
+            "--nthreads",
+            "1",
+            "--memory-limit",
+            "0",
+            "--no-dashboard",
+            "--preload",
+            "autograder.grading.distributed",
+        ]
         self.workers[name] = self._spawn(args, f"{name}.log")
         self.starts[name] = self.starts.get(name, 0) + 1
 

@@ -276,6 +276,20 @@ def run_cluster(
 
 # -- the worker -------------------------------------------------------------------------
 
+
+def dask_setup(worker=None) -> None:
+    """``dask worker --preload autograder.grading.distributed``: import the grader's libraries when the worker
+    starts (PyTorch, nbgrader, nbconvert: seconds of CPU), not in its first task."""
+    import nbconvert.exporters  # noqa: F401
+    import nbgrader.apps  # noqa: F401
+    import torch  # noqa: F401
+
+    import autograder.check  # noqa: F401
+    import autograder.grading.execute  # noqa: F401
+    import autograder.grading.feedback  # noqa: F401
+    import autograder.grading.sanitize  # noqa: F401
+
+
 _GRADING = threading.Lock()  # one submission at a time per process, whatever --nthreads says
 _STATE: _WorkerState | None = None
 
