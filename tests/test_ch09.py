@@ -285,3 +285,44 @@ def test_visible_checks_are_deterministic_and_quick():
         start = time.perf_counter()
         getattr(checks, f"visible_{ex.name}")(ns[ex.name])
         assert time.perf_counter() - start < 15, ex.name
+
+
+TRAINING_UNDER_A_CAP = """
+import resource, sys
+import torch
+sys.path.insert(0, {root!r})
+from solutions.ch09_flash_attention_backward import FlashAttentionFunction
+torch.set_num_threads(1)
+N, D = 8192, 16  # one float32 N x N matrix: 256 MiB
+q, k, v = (torch.randn(N, D, requires_grad=True) for _ in range(3))
+(q[:2] * 2).sum().backward()  # starts autograd's engine threads (their stacks and arenas) before the cap
+q.grad = None
+mapped = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize"))
+resource.setrlimit(resource.RLIMIT_AS, (mapped + 224 * 2**20,) * 2)  # 224 MiB more than PyTorch maps already
+FlashAttentionFunction.apply(q, k, v, True).sum().backward()
+print("flash", all(bool(torch.isfinite(t.grad).all()) for t in (q, k, v)))
+for t in (q, k, v):
+    t.grad = None
+try:
+    (torch.softmax(q @ k.T / 4.0, dim=-1) @ v).sum().backward()
+    print("autograd ran")
+except RuntimeError as exc:
+    print("autograd failed:", str(exc).splitlines()[0][:200])
+"""
+
+
+@pytest.mark.slow
+def test_training_step_runs_where_the_weights_do_not_fit():
+    """Capped at 224 MiB above PyTorch's own mappings, a causal forward + backward at N = 8192 works through
+    FlashAttentionFunction, and plain attention under autograd (one 256 MiB N x N matrix) runs out of memory."""
+    import subprocess
+    import sys
+
+    from autograder.course import ROOT
+
+    script = TRAINING_UNDER_A_CAP.format(root=str(ROOT))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert lines[0] == "flash True", lines
+    assert lines[1].startswith("autograd failed:") and "alloc" in lines[1], lines[1]
