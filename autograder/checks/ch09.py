@@ -30,7 +30,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from autograder.checks import torch_refs as R
 from autograder.checks import trusted as T
-from autograder.checks.ch08 import _device, _is_torch_math, _LaunchCounter, _observed, _Recorder, _visible
+from autograder.checks.ch08 import _as_tensor, _device, _is_torch_math, _LaunchCounter, _observed, _Recorder, _visible
+from autograder.checks.ch08 import _inputs as _ch08_inputs
 from autograder.checks.common import CheckFailure, call, diagnose, max_error, passed, show
 from autograder.checks.torch_refs import BF16, F16, F32, F64
 from autograder.grading.remote import current_remote, is_remote
@@ -304,22 +305,10 @@ def _dropping_none(prints: dict) -> dict:
     return out
 
 
-def _as_tensor(result, *, label: str, what: str, dtype=None, shape=None) -> np.ndarray:
-    if not T.is_tensor(result):
-        raise CheckFailure(f"{label}: {what} should be a torch.Tensor, got {T.type_name(result)}.")
-    if dtype is not None and R.dtype_of(result) != dtype:
-        raise CheckFailure(f"{label}: {what} should be {R.dname(dtype)}, got {R.dname(R.dtype_of(result))}.")
-    if shape is not None and T._tuple(R.shape_of(result)) != T._tuple(shape):
-        raise CheckFailure(f"{label}: {what} should have shape {T._tuple(shape)}, got {T._tuple(R.shape_of(result))}.")
-    return T.tensor_to_float64(result)
-
-
 def _inputs(rng, lead: tuple, L: int, S: int, d: int, dtype, scale: float = 1.0, dv: int | None = None):
-    q = R.rounded(rng.normal(size=lead + (L, d), scale=scale), dtype)
-    k = R.rounded(rng.normal(size=lead + (S, d), scale=scale), dtype)
-    v = R.rounded(rng.normal(size=lead + (S, dv or d)), dtype)
-    g = R.rounded(rng.normal(size=lead + (L, dv or d)), dtype)
-    return q, k, v, g
+    """Chapter 8's (q, k, v) and an output gradient g (..., L, Dv), all rounded to ``dtype``."""
+    q, k, v = _ch08_inputs(rng, lead, L, S, d, dtype, scale, dv)
+    return q, k, v, R.rounded(rng.normal(size=lead + (L, dv or d)), dtype)
 
 
 def _compare_grads(grads: tuple, q, k, v, g, oracle: tuple, *, label: str, dtype, causal: bool, blocks: tuple, extra=""):
@@ -618,7 +607,7 @@ def _check_function(cls, q, k, v, g, *, causal: bool, dtype, triton: bool, note:
     run = _run_function(cls, causal, triton, label, qt, kt, vt, gt)
     oracle = _oracle(q, k, v, g, causal)
     out64, lse64 = oracle[0], oracle[1]
-    out = _as_tensor(run["out"], label=label, what="the output", dtype=dtype, shape=q.shape[:-1] + (v.shape[-1],))
+    out = _as_tensor(run["out"], label=label, what="output", dtype=dtype, shape=q.shape[:-1] + (v.shape[-1],))
     scale = float(T.np_max(T.np_abs(v))) if v.size else 1.0
     _compare(out, out64, label=label, what="the output", atol=_atol(dtype, 0.0, scale), fingerprints={})
     # what the forward saved for the backward
@@ -809,7 +798,7 @@ def _check_decode(fn, q, k, v, num_splits: int, *, dtype, note: str = "", memory
     qt, kt, vt = (R.tensor_of(a, dtype) for a in (q, k, v))
     before = [R.clone(t) for t in (qt, kt, vt)]
     run = _observed(fn, (qt, kt, vt, num_splits), {}, guard=False, count_launches=False, label=label)
-    got = _as_tensor(run["result"], label=label, what="the output", dtype=dtype, shape=q.shape)
+    got = _as_tensor(run["result"], label=label, what="output", dtype=dtype, shape=q.shape)
     heads = T.np_arange(H) // (H // H_kv)
     expected = T.tensor_to_float64(
         R.sdpa(*(R.from_numpy(T.np_array(a, dtype=T.np_float64)) for a in (q, k[:, heads], v[:, heads])))
