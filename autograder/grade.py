@@ -12,10 +12,13 @@ The course directory ``--out`` (default ``./graded``) is an nbgrader course dire
 
 Workers are long-lived processes, one per core by default; each takes one submission at a
 time (so no two workers ever grade the same student) and drives nbgrader's API in-process,
-with kernels in its own sandbox (:mod:`autograder.sandbox`). A submission is done when its
-result file exists; a rerun grades only what is not done (or whose files or chapter source
-changed), ``--force`` regrades everything. Killed at any point, the gradebook stays
-consistent (every write is one SQLite transaction) and the rerun picks up where it stopped.
+with kernels in its own sandbox (:mod:`autograder.sandbox`). With ``--scheduler`` the same
+grading function runs on the workers of a Dask cluster instead
+(:mod:`autograder.grading.distributed`), and ``--db postgresql://...`` puts the gradebook in
+PostgreSQL (:mod:`autograder.grading.gradebook`). A submission is done when its result file
+exists; a rerun grades only what is not done (or whose files or chapter source changed),
+``--force`` regrades everything. Killed at any point, the gradebook stays consistent (every
+write is one transaction) and the rerun picks up where it stopped.
 """
 
 from __future__ import annotations
