@@ -364,6 +364,59 @@ def test_kill_and_resume(tmp_path):
     assert tree_hashes(submitted) == before
 
 
+@pytest.mark.slow
+@needs_bwrap
+def test_a_submission_that_kills_its_worker_is_retried_then_marked_crashed(tmp_path):
+    """The local pool retries a submission whose worker died (``--attempts``), then gives up on it: ``crashed``."""
+    build, submitted, out = tmp_path / "build", tmp_path / "submitted", tmp_path / "graded"
+    rel = release_notebook(build, CHAPTER)
+    for s in ("ann", "toxic"):
+        folder = submitted / s / CH
+        folder.mkdir(parents=True)
+        (folder / f"{CH}.ipynb").write_text(nbformat.writes(solved(rel, CHAPTER)))
+    (submitted / "toxic" / CH / "marker.txt").write_text("kill my worker")  # copied into its kernel's folder
+    cmd = [sys.executable, "-m", "autograder", "grade", str(submitted), "--out", str(out), *GRADE_ARGS, "--attempts", "2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed: set[int] = set()
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            scratch = Path(json.loads((out / ".grading" / "run.json").read_text())["scratch"])
+        except (OSError, ValueError, KeyError):
+            time.sleep(0.2)
+            continue
+        for marker in scratch.glob("w*/k*/work/marker.txt"):
+            for pid in _processes_mentioning([str(marker.parents[2])]):  # the worker's sandbox processes
+                parent = _parent(pid)
+                if parent and _parent(parent) == proc.pid and parent not in killed:  # a worker: a child of grade
+                    try:
+                        os.kill(parent, signal.SIGKILL)
+                        killed.add(parent)
+                    except ProcessLookupError:
+                        pass
+                    shutil.rmtree(marker.parents[1], ignore_errors=True)  # the dead worker's kernel folder
+                    break
+        time.sleep(0.2)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert len(killed) == 2, f"two attempts, two dead workers: {killed}\n{stderr[-2000:]}"
+    assert proc.returncode == 1, stdout[-2000:] + stderr[-2000:]
+    assert "trying it again (1 of 2)" in stderr and "were given up on" in stdout
+    r = json.loads((out / ".grading" / "results" / CH / "toxic.json").read_text())
+    assert r["status"] == "crashed" and "stopped the grading worker each time it was tried (2 times" in r["message"]
+    assert json.loads((out / ".grading" / "results" / CH / "ann.json").read_text())["score"] == CHAPTER.max_score
+    with open(out / "grades.csv", newline="") as f:
+        assert {row["student_id"]: row["status"] for row in csv.DictReader(f)} == {"ann": "graded", "toxic": "crashed"}
+    rerun = run_grade(submitted, out)
+    assert "2 already graded, 0 to grade" in rerun.stderr, "a crashed submission is not retried by later runs"
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int((Path("/proc") / str(pid) / "stat").read_text().split(")")[-1].split()[1])
+    except (OSError, ValueError):
+        return None
+
+
 def _processes_mentioning(needles: list[str]) -> list[int]:
     found = []
     for d in Path("/proc").iterdir():
