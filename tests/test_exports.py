@@ -2,8 +2,9 @@
 
 The Gradescope bundle is tried end to end: unzipped into a folder laid out as Gradescope's
 ``/autograder`` (``source/``, ``submission/``, ``submission_metadata.json``), its
-``run_autograder`` grades a correct and a wrong notebook with ``check --json`` and must leave
-``results/results.json`` in Gradescope's format with the scores ``check`` gives.
+``run_autograder`` grades a wrong notebook and an unreadable one with ``check --json`` and
+must leave ``results/results.json`` in Gradescope's format with the scores and messages
+``check`` gave.
 """
 
 from __future__ import annotations
@@ -38,18 +39,6 @@ def assert_gradescope_format(doc: dict) -> None:
         assert isinstance(t["score"], float) and isinstance(t["max_score"], float) and 0 <= t["score"] <= t["max_score"]
         assert t["visibility"] in VISIBILITIES and t["status"] in ("passed", "failed")
     json.dumps(doc)
-
-
-def check_json(notebook: Path, student: str) -> dict:
-    proc = subprocess.run(
-        [sys.executable, "-m", "autograder", "check", "--json", "--no-sandbox", "--student", student, str(notebook)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout)
 
 
 def test_results_json_from_a_grade_result_and_from_check():
@@ -168,8 +157,9 @@ def test_gradescope_bundle_runs_check_and_writes_results_json(tmp_path):
         doc = json.loads((root / "results" / "results.json").read_text())
         assert_gradescope_format(doc)
         seen[kind] = doc
-        if kind == "wrong":  # the per-test scores and messages are check's, for this student's hidden inputs
-            expected = check_json(sub / "my homework.ipynb", "4242")
+        if kind == "wrong":  # the per-test scores and messages are those of the check run_autograder ran
+            expected = json.loads((root / "results" / "check.json").read_text())
+            assert expected["notebook"].endswith("my homework.ipynb")
             assert doc["score"] == expected["score"], run.stdout[-2000:] + run.stderr[-2000:]
             assert [t["score"] for t in doc["tests"]] == [t["points"] for t in expected["tests"]]
             assert [t["output"] for t in doc["tests"]] == [t["message"] or "passed" for t in expected["tests"]]
