@@ -1,7 +1,7 @@
 """One closing line for the test run: the suites skipped because a system package is missing.
 
-``make test`` installs the Python side only; Chromium (browser tests) and bubblewrap (the
-grading sandbox) come from the system. Their suites skip, each saying why, and
+``make test`` installs the Python side only; Chromium (browser tests), bubblewrap (the
+grading sandbox) and PostgreSQL (the shared-gradebook tests) come from the system. Their suites skip, each saying why, and
 :func:`pytest_unconfigure` (imported by ``conftest.py``) ends the run with one line that names
 them and the command that installs what is missing.
 """
@@ -16,6 +16,7 @@ from pathlib import Path
 SYSTEM_PACKAGES = {
     "chromium": re.compile(r"\bchromium\b", re.IGNORECASE),
     "bubblewrap": re.compile(r"\bbubblewrap\b|\bbwrap\b", re.IGNORECASE),
+    "postgresql": re.compile(r"\bpostgresql\b", re.IGNORECASE),
 }
 MISSING = re.compile(r"\bnot installed\b|\bno\b|\bmissing\b|\bnot found\b", re.IGNORECASE)
 
