@@ -270,10 +270,35 @@ def test_every_diagnosis_is_a_phrase_of_the_checks():
         assert any(m.diagnosis.lower() in text for text in messages), m.id
 
 
+def test_strided_inputs_of_the_checks_are_views_a_kernel_cannot_index_as_contiguous():
+    """The hidden Triton case's q, k, v, grad_out: transposed views whose (BH, L, D) reshape is still not contiguous
+    (so a kernel that skips .contiguous() reads the wrong rows), holding exactly the values asked for."""
+    import numpy as np
+
+    for lead in ((1, 2), (3,)):
+        a = np.random.default_rng(0).normal(size=lead + (20, 16))
+        t = checks._strided(a, torch.float32, "cpu")
+        assert tuple(t.shape) == a.shape and not t.is_contiguous()
+        assert not t.reshape(-1, 20, 16).is_contiguous()
+        assert torch.equal(t, torch.from_numpy(a).float())
+
+
+def test_function_probe_reports_the_largest_tensors_of_forward_and_backward():
+    q, k, v, g = (torch.randn(1, 2, n, 4, dtype=torch.float64) for n in (10, 150, 150, 10))
+    run = checks.observe_function(FlashAttentionFunction, False, False, "probe", q, k, v, g)
+    assert run["error"] is None
+    for key in ("forward_largest", "backward_largest"):
+        n, shape = run[key]
+        assert 0 < n < 2 * 10 * 150, (key, n, shape)  # tiles of 64 keys, never the (1, 2, 10, 150) scores
+    assert not any("scaled_dot_product" in op for op in run["ops"])
+
+
 def test_catalogue_covers_the_classic_mistakes():
     names = {m.name for m in MUTANTS}
     for expected in ("forgot_delta", "p_without_lse", "top_left_causal", "dk_without_scale", "dq_overwritten",
-                     "dq_stored_not_added", "combine_without_max", "head_map_modulo", "saves_the_weights"):  # fmt: skip
+                     "dq_stored_not_added", "combine_without_max", "head_map_modulo", "saves_the_weights",
+                     "computes_in_float16", "block_size_hardcoded", "backward_by_sdpa_autograd",
+                     "grad_out_assumed_contiguous", "logsumexp_from_pytorch_scores"):  # fmt: skip
         assert expected in names
 
 

@@ -957,7 +957,7 @@ def visible_flash_attention(fn) -> None:
 def hidden_flash_attention(fn, seed: int = 83) -> None:
     """Strided k and v, L and S not multiples of a tile, L != S both ways, causal, large scores, float16,
     D = 64, and D = 24 and 40 (not powers of two); the logsumexp (return_lse=True) in float32 for float16 inputs,
-    for 3-D inputs, causal with L != S both ways, and over many query tiles (L > 256: 17 tiles of 16, the
+    for 3-D inputs and 4-D ones with several batches and heads, causal with L != S both ways, and over many query tiles (L > 256: 17 tiles of 16, the
     interpreter's, and 3 of 128, a GPU's). Every tensor allocated during a call is guarded: writes past its end and
     entries never written are named."""
     rng = T.default_rng(seed)
@@ -999,6 +999,8 @@ def hidden_flash_attention(fn, seed: int = 83) -> None:
          note=", L = 264 < S = 301, causal: three tiles of 128 queries (or more, smaller), S no multiple of a tile")  # fmt: skip
     case(_inputs(rng, (1, 2), 33, 50, 32, F16, scale=2.0), causal=True, dtype=F16, return_lse=True,
          note=", float16: the logsumexp stays float32")  # fmt: skip
+    case(_inputs(rng, (2, 3), 21, 30, 16, F32), causal=True, dtype=F32, return_lse=True,
+         note=", 4-D with batch 2 and 3 heads: the logsumexp of every (batch, head)")  # fmt: skip
     case(_inputs(rng, (3,), 45, 77, 16, F32, scale=2.0), causal=True, dtype=F32, return_lse=True,
          note=", 3-D, causal with L = 45 < S = 77")  # fmt: skip
     case(_inputs(rng, (1,), 290, 70, 16, F32), causal=True, dtype=F32, return_lse=True,

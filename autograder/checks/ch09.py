@@ -30,7 +30,17 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from autograder.checks import torch_refs as R
 from autograder.checks import trusted as T
-from autograder.checks.ch08 import _as_tensor, _device, _is_torch_math, _LaunchCounter, _observed, _Recorder, _visible
+from autograder.checks.ch08 import (
+    _as_tensor,
+    _device,
+    _is_torch_math,
+    _LaunchCounter,
+    _np_ascontiguous,
+    _observed,
+    _Recorder,
+    _transpose,
+    _visible,
+)
 from autograder.checks.ch08 import _inputs as _ch08_inputs
 from autograder.checks.common import CheckFailure, call, diagnose, max_error, passed, show
 from autograder.checks.torch_refs import BF16, F16, F32, F64
@@ -103,6 +113,37 @@ USED_OUT = (
 )
 SWAPPED = "returned the gradients in the wrong order: (dq, dk, dv)."
 FULL_MATRIX = "flash_attention_backward_tiled created a tensor as large as the whole (L, S) matrix"
+BLOCK_IGNORED = (
+    "ignored block_size: the tiles of scores, P, dP and dS are (..., L, block_size), one block of keys at a time, "
+    "with the block_size the caller passes (not a size of your own)"
+)
+FP16_ACCUM = (
+    "accumulated in float16 (or bfloat16): summed over many key blocks, dq (and the products of each tile) lose "
+    "bits at every step; compute the tiles and keep dq, dk and dv in float32, and cast to q's dtype once, at the end."
+)
+STRIDED = (
+    "assumed contiguous inputs: here q, k, v and grad_out are transposed views (as autograd hands a backward "
+    "the gradient of a permuted output), so their memory is not laid out as (BH, L, D); call .contiguous() on "
+    "them (or pass their strides to the kernels) before indexing rows as bh * L * D + row * D + column."
+)
+FUNCTION_SDPA = (
+    "called PyTorch's scaled_dot_product_attention (or its autograd): the forward is chapter 8's tiled_attention, "
+    "the backward flash_attention_backward_tiled with the saved out and logsumexp"
+)
+GRAD_DTYPE = (
+    "returned the gradients in another dtype: dq, dk and dv come back in the dtypes of q, k and v; compute in "
+    "float32 inside, and cast once, at the end (.to(q.dtype))"
+)
+OUT_DTYPE = (
+    "returned out in another dtype: the forward returns out in q's dtype and saves q, k and v themselves; the "
+    "kernels compute in float32 inside, not on float32 copies of the inputs"
+)
+FUNCTION_FULL = "created a tensor as large as the whole (L, S) score matrix"
+FUNCTION_TORCH = (
+    "computed attention with PyTorch maths where Triton kernels belong: the forward is chapter 8's "
+    "flash_attention(q, k, v, causal=causal, return_lse=True) alone (it returns the logsumexp too), the backward "
+    "flash_attention_backward"
+)
 USED_TORCH = "flash_attention_backward must compute in Triton kernels, not with PyTorch's matrix products or exp"
 NO_KERNEL = "flash_attention_backward did not launch a Triton kernel"
 STORE_MASK = "wrote outside the tensors it was given: mask the stores of the last, partial tiles (rows < L, cols < S)."
@@ -311,14 +352,21 @@ def _inputs(rng, lead: tuple, L: int, S: int, d: int, dtype, scale: float = 1.0,
     return q, k, v, R.rounded(rng.normal(size=lead + (L, dv or d)), dtype)
 
 
-def _compare_grads(grads: tuple, q, k, v, g, oracle: tuple, *, label: str, dtype, causal: bool, blocks: tuple, extra=""):
-    """Judge (dq, dk, dv) float64 arrays against the oracle, naming a known mistake when one matches."""
+def _compare_grads(grads: tuple, q, k, v, g, oracle: tuple, *, label: str, dtype, causal: bool, blocks: tuple, extra="",
+                   accumulate: bool = False):  # fmt: skip
+    """Judge (dq, dk, dv) float64 arrays against the oracle, naming a known mistake when one matches.
+
+    With ``accumulate`` (a low-precision case over many key blocks) the tolerance is six times PyTorch's own error,
+    without the usual floor: float32 accumulation lands within about twice it, float16 accumulation ten times and more.
+    """
     out64, lse64, dq, dk, dv = oracle
     errors = _sdpa_grad_error(q, k, v, g, causal, dtype, (dq, dk, dv))
     prints = _grad_prints(q, k, v, out64, lse64, g, causal, blocks)
     for i, (name, got, exp) in _enumerate(_zip(("dq", "dk", "dv"), grads, (dq, dk, dv), strict=True)):
         scale = float(T.np_max(T.np_abs(exp))) if exp.size else 1.0
-        _compare(got, exp, label=label, what=name, atol=_atol(dtype, errors[i], scale), fingerprints=prints[i], extra=extra)
+        atol = _max(6.0 * errors[i], 1e-5 * _max(1.0, scale)) if accumulate else _atol(dtype, errors[i], scale)
+        hint = f"Likely mistake: {FP16_ACCUM}" if accumulate and not extra else extra
+        _compare(got, exp, label=label, what=name, atol=atol, fingerprints={} if accumulate else prints[i], extra=hint)
 
 
 def _grad_results(result, q, k, v, *, label: str, dtypes: tuple, out=None, g=None) -> tuple:
@@ -338,6 +386,11 @@ def _grad_results(result, q, k, v, *, label: str, dtypes: tuple, out=None, g=Non
             got = T.tensor_to_float64(result[2])
             if max_error(got, used_out) <= 1e-3 * _max(1.0, float(T.np_max(T.np_abs(used_out)))):
                 raise CheckFailure(f"{label}: dv should have shape {wanted[2]}, got {shapes[2]}. Likely mistake: {USED_OUT}")
+    for r, name, dt in _zip(result, ("dq", "dk", "dv"), dtypes, strict=True):
+        if T.is_tensor(r) and R.dtype_of(r) != dt:
+            raise CheckFailure(
+                f"{label}: {name} is {R.dname(R.dtype_of(r))}, expected {R.dname(dt)}. Likely mistake: {GRAD_DTYPE}."
+            )
     return T._tuple(
         _as_tensor(r, label=label, what=name, dtype=dt, shape=a.shape)
         for r, name, dt, a in _zip(result, ("dq", "dk", "dv"), dtypes, (q, k, v), strict=True)
@@ -348,8 +401,15 @@ def _grad_results(result, q, k, v, *, label: str, dtypes: tuple, out=None, g=Non
 # flash_attention_backward_tiled and flash_attention_backward
 
 
+def _strided(a, dtype, device):
+    """A tensor holding ``a`` (..., n, d) as a transposed view: its first and next-to-last axes swapped in memory."""
+    buffer = R.tensor_of(_np_ascontiguous(T.np_swapaxes(a, 0, -2)), dtype, device)
+    return _transpose(buffer, 0, -2)
+
+
 def _check_backward(fn, q, k, v, g, *, causal: bool, dtype, block: int | None = None, triton: bool = False,
-                    memory: bool = False, note: str = "") -> None:  # fmt: skip
+                    memory: bool = False, strided: bool = False, accumulate: bool = False,
+                    note: str = "") -> None:  # fmt: skip
     L, S = q.shape[-2], k.shape[-2]
     name = "flash_attention_backward" if triton else "flash_attention_backward_tiled"
     device = _device() if triton else "cpu"
@@ -361,7 +421,7 @@ def _check_backward(fn, q, k, v, g, *, causal: bool, dtype, block: int | None = 
     oracle = _oracle(q, k, v, g, causal)
     out64, lse64 = oracle[0], oracle[1]
     lse_dtype = F64 if dtype == F64 and not triton else F32
-    qt, kt, vt, gt = (R.tensor_of(a, dtype, device) for a in (q, k, v, g))
+    qt, kt, vt, gt = ((_strided if strided else R.tensor_of)(a, dtype, device) for a in (q, k, v, g))
     ot = R.tensor_of(out64, dtype, device)
     lt = R.tensor_of(lse64, lse_dtype, device)
     before = [R.clone(t) for t in (qt, kt, vt, ot, lt, gt)]
@@ -381,8 +441,9 @@ def _check_backward(fn, q, k, v, g, *, causal: bool, dtype, block: int | None = 
     grads = _grad_results(run["result"], q, k, v, label=label, dtypes=(dtype, dtype, dtype), out=out64, g=g)
     blocks = (block,) if block is not None else (64,) if not triton else (16, 32, 64, 128)
     unwritten = triton and not all(T.np_isfinite(gr).all() for gr in grads)
-    _compare_grads(grads, q, k, v, g, oracle, label=label, dtype=dtype, causal=causal, blocks=blocks,
-                   extra=UNWRITTEN if unwritten else "")  # fmt: skip
+    extra = UNWRITTEN if unwritten else f"Likely mistake: {STRIDED}" if strided else ""
+    _compare_grads(grads, q, k, v, g, oracle, label=label, dtype=dtype, causal=causal, blocks=blocks, extra=extra,
+                   accumulate=accumulate)  # fmt: skip
     for nm, t, b in _zip(("q", "k", "v", "out", "lse", "grad_out"), (qt, kt, vt, ot, lt, gt), before, strict=True):
         if not R.t_equal(t, b):
             raise CheckFailure(f"{label}: {name} changed its input {nm} in place.")
@@ -393,6 +454,14 @@ def _check_backward(fn, q, k, v, g, *, causal: bool, dtype, block: int | None = 
             f"{L} x {S} = {L * S}. {FULL_MATRIX}: recompute P, dP and dS one block of keys at a time, "
             "(..., L, block_size), and keep only dq, the blocks of dk and dv, and D between blocks."
         )
+    if memory and block is not None:
+        tile = L * block  # the largest tile; the inputs and the gradients may be larger
+        allowed = _max([tile] + [_int(a.size) for a in (q, k, v, g)])
+        if run["largest"] > 2 * allowed:
+            raise CheckFailure(
+                f"{label}: your backward created a tensor of {run['largest']} elements (shape {run['largest_shape']}), "
+                f"more than a (L, block_size) = ({L}, {block}) tile. Likely mistake: it {BLOCK_IGNORED}."
+            )
 
 
 def _tiled_gradcheck(fn, rng, causal: bool) -> None:
@@ -458,8 +527,9 @@ def visible_flash_attention_backward_tiled(fn) -> None:
 
 def hidden_flash_attention_backward_tiled(fn, seed: int = 91) -> None:
     """Causal with L > S (queries that see no key) and L < S, several blocks, S no multiple of the block, 3-D
-    and 4-D, Dv != D, large scores, float16 and bfloat16, the default block size, the memory rule, and
-    torch.autograd.gradcheck in float64."""
+    and 4-D, Dv != D, large scores, float16 and bfloat16, float16 over 1024 key blocks (float32 accumulation),
+    the default block size, the memory rule (no L x S tensor, tiles of block_size), and torch.autograd.gradcheck
+    in float64."""
     rng = T.default_rng(seed)
     count = 0
 
@@ -476,6 +546,8 @@ def hidden_flash_attention_backward_tiled(fn, seed: int = 91) -> None:
     case(_inputs(rng, (2,), 16, 24, 16, F16), causal=True, dtype=F16, block=8, note=", float16")
     case(_inputs(rng, (2,), 11, 19, 8, BF16), causal=False, dtype=BF16, block=8, note=", bfloat16")
     case(_inputs(rng, (1,), 20, 70, 4, F32), causal=False, dtype=F32, block=None, note=", default block size")
+    case(_inputs(rng, (2,), 8, 2048, 8, F16), causal=False, dtype=F16, block=2, accumulate=True,
+         note=", float16 over 1024 key blocks: within 6x PyTorch's own error, so accumulate in float32")  # fmt: skip
     case(_inputs(rng, (), 96, 160, 4, F32), causal=True, dtype=F32, block=32, memory=True,
          note=", memory: no tensor may have L x S elements")  # fmt: skip
     case(_inputs(rng, (), 128, 80, 4, F32), causal=False, dtype=F32, block=16, memory=True,
@@ -499,8 +571,9 @@ def visible_flash_attention_backward(fn) -> None:
 
 def hidden_flash_attention_backward(fn, seed: int = 93) -> None:
     """Several tiles of 128 (L > 256) at small D, causal with L != S both ways (queries that see no key),
-    L and S no multiples of a tile, D not a power of two, large scores, 3-D and 4-D; float16 and bfloat16
-    on a GPU only (the interpreter's bfloat16 tl.dot is wrong). Writes past the ends are named."""
+    L and S no multiples of a tile, D not a power of two, large scores, 3-D and 4-D, q, k, v and grad_out as
+    transposed views; float16 (small, in the interpreter), and float16 and bfloat16 on a GPU (the interpreter's
+    bfloat16 tl.dot is wrong). Writes past the ends are named."""
     rng = T.default_rng(seed)
     count = 0
 
@@ -517,6 +590,12 @@ def hidden_flash_attention_backward(fn, seed: int = 93) -> None:
     case(_inputs(rng, (1, 1), 264, 301, 8, F32), causal=True, dtype=F32,
          note=", L = 264 < S = 301, causal: several tiles of 128 queries and keys")  # fmt: skip
     case(_inputs(rng, (1,), 300, 270, 8, F32), causal=False, dtype=F32, note=", L = 300, S = 270: several tiles, 3-D")
+    case(_inputs(rng, (1, 2), 20, 36, 16, F32), causal=True, dtype=F32, strided=True,
+         note=", q, k, v and grad_out are transposed views (not contiguous)")  # fmt: skip
+    case(_inputs(rng, (3,), 18, 33, 16, F32), causal=False, dtype=F32, strided=True,
+         note=", 3-D, q, k, v and grad_out are transposed views (not contiguous)")  # fmt: skip
+    if _device() == "cpu":  # the interpreter's float16 tl.dot is right (its bfloat16 one is not)
+        case(_inputs(rng, (1, 2), 24, 40, 16, F16), causal=True, dtype=F16, note=", float16: gradients in float16")
     if _device() == "cuda":
         case(_inputs(rng, (2, 2), 200, 200, 64, F16), causal=True, dtype=F16, note=", float16")
         case(_inputs(rng, (2, 2), 130, 190, 64, BF16), causal=False, dtype=BF16, note=", bfloat16")
@@ -533,11 +612,14 @@ OBSERVE_FUNCTION = "autograder.checks.ch09.observe_function"
 def observe_function(cls, causal: bool, count_launches: bool, label: str, q, k, v, grad_out) -> dict:
     """Run ``cls.apply(q, k, v, causal)`` and its backward where the student's code runs.
 
-    Returns data only: ``{"error", "out", "saved", "ctx_tensors", "grads", "launches", "forward_launches", "ops"}``: the output,
-    the tensors its autograd node saved (``ctx.saved_tensors``), (name, shape) of tensors kept as ctx
-    attributes, (dq, dk, dv) from ``torch.autograd.grad``, the Triton launches and the aten operations run.
+    Returns data only: ``{"error", "out", "saved", "ctx_tensors", "grads", "launches", "forward_launches", "ops",
+    "forward_ops", "forward_largest", "backward_largest"}``: the output, the tensors its autograd node saved
+    (``ctx.saved_tensors``), (name, shape) of tensors kept as ctx attributes, (dq, dk, dv) from
+    ``torch.autograd.grad``, the Triton launches and the aten operations run (all, and the forward's), and the
+    largest tensor the forward and the backward each created, as (elements, shape).
     """
     recorder = _Recorder()
+    backward_recorder = _Recorder()
     launches = _LaunchCounter()
     leaves = [R.requires_grad_(R.clone(_detach(t))) for t in (q, k, v)]
     try:
@@ -561,7 +643,7 @@ def observe_function(cls, causal: bool, count_launches: bool, label: str, q, k, 
                 for name, value in _getattr(node, "__dict__", {}).items()
                 if T.is_tensor(value)
             ]
-            with launches, recorder:
+            with launches, backward_recorder:
                 grads = call(R.autograd_grad, out, leaves, grad_out, allow_unused=True, label=label + " backward")
     except CheckFailure as exc:
         return {"error": _str(exc)}
@@ -573,7 +655,10 @@ def observe_function(cls, causal: bool, count_launches: bool, label: str, q, k, 
         "grads": [None if t is None else _detach(t) for t in grads],
         "launches": _int(launches.count),
         "forward_launches": forward_launches,
-        "ops": _sorted(_str(op) for op in recorder.ops),
+        "ops": _sorted(_str(op) for op in recorder.ops | backward_recorder.ops),
+        "forward_ops": _sorted(_str(op) for op in recorder.ops),
+        "forward_largest": [_int(recorder.largest), [_int(n) for n in recorder.largest_shape]],
+        "backward_largest": [_int(backward_recorder.largest), [_int(n) for n in backward_recorder.largest_shape]],
     }
 
 
@@ -591,13 +676,20 @@ def _run_function(cls, causal: bool, count_launches: bool, label: str, *args) ->
                 f"\n  Likely mistake: {SWAPPED} backward returns one gradient per input of forward, in order: (dq, dk, dv, None)."
             )
         raise CheckFailure(message)
-    keys = ("out", "saved", "ctx_tensors", "grads", "launches", "forward_launches", "ops")
+    keys = ("out", "saved", "ctx_tensors", "grads", "launches", "forward_launches", "ops", "forward_ops")
+    keys += ("forward_largest", "backward_largest")
     if not all(key in run for key in keys) or T._type(run["saved"]) is not T._list or T._type(run["grads"]) is not T._list:
+        raise CheckFailure(f"{label}: the watched call's report is malformed.")
+    for key in ("forward_largest", "backward_largest"):
+        value = run[key]
+        if T._type(value) not in (T._list, T._tuple) or T._len(value) != 2 or T._type(value[0]) is not _int:
+            raise CheckFailure(f"{label}: the watched call's report is malformed.")
+    if T._type(run["ops"]) is not T._list or T._type(run["forward_ops"]) is not T._list:
         raise CheckFailure(f"{label}: the watched call's report is malformed.")
     return run
 
 
-def _check_function(cls, q, k, v, g, *, causal: bool, dtype, triton: bool, note: str = "") -> None:
+def _check_function(cls, q, k, v, g, *, causal: bool, dtype, triton: bool, note: str = "", memory: bool = False) -> None:
     name = "TritonFlashAttentionFunction" if triton else "FlashAttentionFunction"
     device = _device() if triton else "cpu"
     where = f"q {T._tuple(q.shape)}, k and v {T._tuple(k.shape)}, {R.dname(dtype)}" + (f", {device}" if triton else "")
@@ -607,6 +699,10 @@ def _check_function(cls, q, k, v, g, *, causal: bool, dtype, triton: bool, note:
     run = _run_function(cls, causal, triton, label, qt, kt, vt, gt)
     oracle = _oracle(q, k, v, g, causal)
     out64, lse64 = oracle[0], oracle[1]
+    if T.is_tensor(run["out"]) and R.dtype_of(run["out"]) != dtype:
+        raise CheckFailure(
+            f"{label}: the output is {R.dname(R.dtype_of(run['out']))}, expected {R.dname(dtype)}. Likely mistake: {OUT_DTYPE}."
+        )
     out = _as_tensor(run["out"], label=label, what="output", dtype=dtype, shape=q.shape[:-1] + (v.shape[-1],))
     scale = float(T.np_max(T.np_abs(v))) if v.size else 1.0
     _compare(out, out64, label=label, what="the output", atol=_atol(dtype, 0.0, scale), fingerprints={})
@@ -659,6 +755,26 @@ def _check_function(cls, q, k, v, g, *, causal: bool, dtype, triton: bool, note:
         raise CheckFailure(f"{label}: {NO_TRITON_FORWARD}.")
     if triton and run["launches"] == run["forward_launches"]:
         raise CheckFailure(f"{label}: {NO_TRITON_BACKWARD}.")
+    sdpa = _sorted({_str(op) for op in run["ops"] if "scaled_dot_product" in _str(op)})
+    if sdpa and not triton:
+        where = "forward" if any(op in run["forward_ops"] for op in sdpa) else "backward"
+        raise CheckFailure(f"{label}: the {where} ran {', '.join(sdpa[:4])}: it {FUNCTION_SDPA}.")
+    if triton:
+        used = _sorted({_str(op) for op in run["ops"] if _is_torch_math(_str(op))})
+        if used:
+            where = "forward" if any(op in run["forward_ops"] for op in used) else "backward"
+            raise CheckFailure(f"{label}: the {where} ran {', '.join(used[:6])}: it {FUNCTION_TORCH}.")
+    if memory:
+        full = _int(q.size) // _max(1, L * q.shape[-1]) * L * S  # (..., L, S) elements
+        for where in ("forward", "backward"):
+            n, shape = run[f"{where}_largest"]
+            if n >= full:
+                raise CheckFailure(
+                    f"{label}: the {where} {FUNCTION_FULL} (a tensor of {n} elements, shape {T._tuple(shape)}; "
+                    f"(..., L, S) has {full}). FlashAttention never holds it: the forward is tiled_attention "
+                    "(or flash_attention), the backward recomputes P one block of keys at a time; do not call "
+                    "F.scaled_dot_product_attention, autograd or a plain softmax on the whole score matrix."
+                )
     _compare_grads(arrays, q, k, v, g, oracle, label=label, dtype=dtype, causal=causal, blocks=blocks,
                    extra=CHAIN_HINT_TRITON if triton else CHAIN_HINT)  # fmt: skip
 
@@ -711,12 +827,18 @@ def hidden_FlashAttentionFunction(cls, seed: int = 95) -> None:
     rng = T.default_rng(seed)
     count = 0
     for args, kw in (
-        (_inputs(rng, (1, 2), 100, 150, 8, F32), {"causal": True, "dtype": F32, "note": ", causal, L < S, three blocks"}),
+        (
+            _inputs(rng, (1, 2), 100, 150, 8, F32),
+            {"causal": True, "dtype": F32, "note": ", causal, L < S, three blocks, no (L, S) tensor", "memory": True},
+        ),
         (
             _inputs(rng, (2,), 140, 70, 4, F64),
             {"causal": True, "dtype": F64, "note": ", causal with L > S: 70 queries see no key"},
         ),
-        (_inputs(rng, (2, 1), 66, 130, 8, F32, scale=3.0), {"causal": False, "dtype": F32, "note": ", large scores"}),
+        (
+            _inputs(rng, (2, 1), 66, 130, 8, F32, scale=3.0),
+            {"causal": False, "dtype": F32, "note": ", large scores, no (L, S) tensor", "memory": True},
+        ),
         (_inputs(rng, (1, 2), 40, 72, 16, F16), {"causal": True, "dtype": F16, "note": ", float16"}),
     ):
         _check_function(cls, *args, triton=False, **kw)
@@ -737,15 +859,21 @@ def visible_TritonFlashAttentionFunction(cls) -> None:
 
 
 def hidden_TritonFlashAttentionFunction(cls, seed: int = 97) -> None:
-    """Several tiles (L > 256), causal with L < S, D not a power of two; float16 on a GPU."""
+    """Several tiles (L > 256), causal with L < S, D not a power of two, no (L, S) tensor and no PyTorch attention
+    maths in the forward or the backward; float16 (small in the interpreter, larger on a GPU)."""
     rng = T.default_rng(seed)
     count = 0
     cases = [
-        (_inputs(rng, (1, 1), 260, 290, 8, F32), {"causal": True, "dtype": F32, "note": ", L = 260 < S = 290, causal"}),
+        (
+            _inputs(rng, (1, 1), 260, 290, 8, F32),
+            {"causal": True, "dtype": F32, "note": ", L = 260 < S = 290, causal, no (L, S) tensor", "memory": True},
+        ),
         (_inputs(rng, (2,), 33, 41, 24, F32), {"causal": False, "dtype": F32, "note": ", D = 24"}),
     ]
     if _device() == "cuda":
         cases.append((_inputs(rng, (2, 2), 200, 260, 64, F16), {"causal": True, "dtype": F16, "note": ", float16"}))
+    else:  # the interpreter's float16 tl.dot is right: output, saved tensors and gradients stay float16
+        cases.append((_inputs(rng, (1, 2), 24, 40, 16, F16), {"causal": True, "dtype": F16, "note": ", float16"}))
     for args, kw in cases:
         _check_function(cls, *args, triton=True, **kw)
         count += 1
@@ -863,7 +991,8 @@ def hidden_flash_decode(fn, seed: int = 99) -> None:
     case(_decode_inputs(rng, 1, 2, 2, 5, 4, F64), 8, dtype=F64, note=", num_splits = 8 > S = 5: three splits are empty")
     case(_decode_inputs(rng, 2, 4, 2, 16, 8, F64, scale=30.0), 4, dtype=F64, note=", scores near 1e3")
     case(_decode_inputs(rng, 1, 4, 4, 12, 8, F32, scale=6.0), 3, dtype=F32, note=", float32, scores near 100")
-    case(_decode_inputs(rng, 1, 8, 1, 9, 8, F32), 2, dtype=F32, note=", multi-query: one KV head for 8 query heads")
+    case(_decode_inputs(rng, 1, 8, 1, 9, 8, F32), 2, dtype=F32, memory=True,
+         note=", multi-query: one KV head for 8 query heads, no copy of it per query head")  # fmt: skip
     case(_decode_inputs(rng, 2, 6, 2, 17, 8, F64), 5, dtype=F64, note=", 6 query heads on 2 KV heads, 5 splits of S = 17")
     case(_decode_inputs(rng, 1, 4, 2, 33, 16, F16), 3, dtype=F16, note=", float16")
     case(_decode_inputs(rng, 2, 8, 2, 40, 8, F32), 2, dtype=F32, memory=True,

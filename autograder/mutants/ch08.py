@@ -440,3 +440,13 @@ MUTANTS += [
         _edit(_BIG, "IS_CAUSAL=causal, BM=BM,", "IS_CAUSAL=causal, BM=64,"),
     ),
 ]
+
+# The logsumexp stored per head only: right wherever the batch is 1 (3-D inputs become one batch of heads).
+MUTANTS += [
+    Mutant(
+        "flash_attention",
+        "lse_indexed_by_head_only",
+        "never wrote some entries",
+        _edit(FL, "tl.store(LSE + pid_bh * L + rows", "tl.store(LSE + hi * L + rows"),
+    ),
+]

@@ -409,3 +409,152 @@ def flash_attention_backward(q, k, v, out, lse, grad_out, causal=False):
     ),
     Mutant(FD, "unscaled_scores", "did not scale the scores", edit(DEC, ("kc.to(ft)) / math.sqrt(D)", "kc.to(ft))"))),
 ]
+
+# Mistakes that passed every check until the checks below were added (a review with wrong implementations written
+# independently of this catalogue): float16 accumulation, a block size of one's own, PyTorch's attention inside an
+# autograd Function, kernels that index strided inputs as contiguous ones, float32 gradients or outputs for float16
+# inputs, a Triton Function whose logsumexp comes from PyTorch, and multi-query decoding that broadcasts K across
+# the heads (a copy per query head).
+MUTANTS += [
+    Mutant(
+        BT,
+        "computes_in_float16",
+        "accumulated in float16",
+        edit(T, ("ft = torch.float64 if q.dtype == torch.float64 else torch.float32", "ft = q.dtype")),
+    ),
+    Mutant(
+        BT,
+        "dq_accumulated_in_float16",
+        "accumulated in float16",
+        edit(T, ("dQ = torch.zeros_like(Q)", "dQ = torch.zeros_like(q)")),
+    ),
+    Mutant(
+        BT,
+        "block_size_hardcoded",
+        "ignored block_size",
+        edit(T, ("    for j0 in range(0, S, block_size):\n", "    block_size = 64\n    for j0 in range(0, S, block_size):\n")),
+    ),
+    Mutant(
+        FN,
+        "backward_by_sdpa_autograd",
+        "called PyTorch's scaled_dot_product_attention",
+        edit(
+            F,
+            (
+                "        dq, dk, dv = flash_attention_backward_tiled(q, k, v, o, lse, do, causal=ctx.is_causal)\n",
+                "        L, S = q.shape[-2], k.shape[-2]\n"
+                "        q2, k2, v2 = (t.detach().requires_grad_() for t in (q, k, v))\n"
+                "        with torch.enable_grad():\n"
+                "            mask = torch.arange(S) <= torch.arange(L)[:, None] + (S - L) if ctx.is_causal else None\n"
+                "            o2 = F.scaled_dot_product_attention(q2, k2, v2, attn_mask=mask)\n"
+                "            dq, dk, dv = (t.nan_to_num() for t in torch.autograd.grad(o2, (q2, k2, v2), do))\n",
+            ),
+        ),
+    ),
+    Mutant(
+        FN,
+        "backward_by_autograd_through_softmax",
+        "created a tensor as large as the whole (L, S) score matrix",
+        edit(
+            F,
+            (
+                "        dq, dk, dv = flash_attention_backward_tiled(q, k, v, o, lse, do, causal=ctx.is_causal)\n",
+                "        L, S = q.shape[-2], k.shape[-2]\n"
+                "        q2, k2, v2 = (t.detach().requires_grad_() for t in (q, k, v))\n"
+                "        with torch.enable_grad():\n"
+                "            s = q2 @ k2.transpose(-1, -2) / math.sqrt(q.shape[-1])\n"
+                "            if ctx.is_causal:\n"
+                "                s = s.masked_fill(torch.arange(S) > torch.arange(L)[:, None] + (S - L), -math.inf)\n"
+                "            o2 = torch.softmax(s, -1).nan_to_num() @ v2\n"
+                "            dq, dk, dv = torch.autograd.grad(o2, (q2, k2, v2), do)\n",
+            ),
+        ),
+    ),
+    Mutant(
+        TK,
+        "grad_out_assumed_contiguous",
+        "assumed contiguous inputs",
+        edit(
+            K,
+            (
+                "q3, o3, do3 = (t.reshape(-1, L, D).float().contiguous() for t in (q, out, grad_out))",
+                "q3, o3 = (t.reshape(-1, L, D).float().contiguous() for t in (q, out))\n"
+                "    do3 = grad_out.reshape(-1, L, D).float()",
+            ),
+        ),
+    ),
+    Mutant(
+        TK,
+        "inputs_assumed_contiguous",
+        "assumed contiguous inputs",
+        edit(
+            K,
+            (
+                "t.reshape(-1, L, D).float().contiguous() for t in (q, out, grad_out)",
+                "t.reshape(-1, L, D).float() for t in (q, out, grad_out)",
+            ),
+            ("t.reshape(-1, S, D).float().contiguous() for t in (k, v)", "t.reshape(-1, S, D).float() for t in (k, v)"),
+        ),
+    ),  # fmt: skip
+    Mutant(
+        TK,
+        "float32_gradients_for_float16",
+        "returned the gradients in another dtype",
+        edit(
+            K,
+            (
+                "return dq.reshape(q.shape).to(q.dtype), dk.reshape(k.shape).to(k.dtype), dv.reshape(v.shape).to(v.dtype)",
+                "return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)",
+            ),
+        ),
+    ),
+    Mutant(
+        TFN,
+        "logsumexp_from_pytorch_scores",
+        "computed attention with PyTorch maths",
+        edit(
+            TF,
+            (
+                "o, lse = flash_attention(q, k, v, causal=causal, return_lse=True)",
+                "o = flash_attention(q, k, v, causal=causal)\n"
+                "        L, S = q.shape[-2], k.shape[-2]\n"
+                "        s = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])\n"
+                "        if causal:\n"
+                "            s = s.masked_fill(torch.arange(S, device=q.device) > torch.arange(L, device=q.device)[:, None] + (S - L), -math.inf)\n"
+                "        lse = torch.logsumexp(s, -1)",
+            ),
+        ),
+    ),  # fmt: skip
+    Mutant(
+        TFN,
+        "logsumexp_from_tiled_attention",
+        "computed attention with PyTorch maths",
+        edit(
+            TF,
+            (
+                "o, lse = flash_attention(q, k, v, causal=causal, return_lse=True)",
+                "o = flash_attention(q, k, v, causal=causal)\n        lse = tiled_attention(q, k, v, causal=causal)[1]",
+            ),
+        ),
+    ),
+    Mutant(
+        TFN,
+        "computes_in_float32",
+        "returned out in another dtype",
+        edit(
+            TF,
+            (
+                "o, lse = flash_attention(q, k, v, causal=causal, return_lse=True)",
+                "q, k, v = q.float(), k.float(), v.float()\n        o, lse = flash_attention(q, k, v, causal=causal, return_lse=True)",
+            ),
+        ),
+    ),
+    Mutant(
+        FD,
+        "multi_query_by_broadcasting",
+        "copied K or V for every query head",
+        edit(
+            DEC, ("qg = q.to(ft).view(B, Hkv, H // Hkv, D)", "qg = q.to(ft).view(B, Hkv, H // Hkv, D) if Hkv > 1 else q.to(ft)")
+        ),
+    ),
+]
