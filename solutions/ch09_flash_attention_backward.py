@@ -29,7 +29,7 @@ def flash_attention_backward_tiled(
     q (..., L, D), k (..., S, D), v (..., S, Dv), out (..., L, Dv) the forward's output, lse (..., L) its
     natural-log logsumexp, grad_out (..., L, Dv) the gradient of the loss with respect to out. Scores are
     scaled by 1/sqrt(D); ``causal`` is bottom-right aligned (query i sees key j iff j <= i + S - L).
-    The weights P are recomputed tile by tile from q, k and lse, and D_i = rowsum(dO * O) replaces
+    The weights P are recomputed tile by tile from q, k and lse, and delta_i = rowsum(dO * O) replaces
     rowsum(P * dP), so no (L, S) matrix is ever held: only (..., L, block_size) tiles.
     Returns (dq, dk, dv) in the dtypes of q, k and v.
     """
@@ -39,7 +39,7 @@ def flash_attention_backward_tiled(
     dout = grad_out.to(work)
     L, S = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1])
-    delta = (dout * out.to(work)).sum(dim=-1, keepdim=True)  # D_i = rowsum(dO * O), (..., L, 1)
+    delta = (dout * out.to(work)).sum(dim=-1, keepdim=True)  # delta_i = rowsum(dO * O), (..., L, 1)
     lse_w = lse.to(work)
     lse_safe = torch.where(torch.isneginf(lse_w), 0.0, lse_w).unsqueeze(-1)  # a query that sees no key: P = 0
     query_pos = torch.arange(L, device=q.device).unsqueeze(-1) + (S - L)  # (L, 1)
@@ -54,9 +54,9 @@ def flash_attention_backward_tiled(
         p = torch.exp(scores - lse_safe)  # the forward's weights, recomputed exactly
         dv_blocks.append(p.transpose(-2, -1) @ dout)  # dV_j = P_j^T dO
         dp = dout @ v_blk.transpose(-2, -1)  # dP = dO V_j^T
-        ds = p * (dp - delta)  # dS = P * (dP - D), the softmax's backward
+        ds = p * (dp - delta)  # dZ = P * (dP - delta), the softmax's backward
         dq = dq + (ds @ k_blk) * scale  # every key block adds to all of dQ
-        dk_blocks.append((ds.transpose(-2, -1) @ qw) * scale)  # dK_j = dS_j^T Q / sqrt(D)
+        dk_blocks.append((ds.transpose(-2, -1) @ qw) * scale)  # dK_j = dZ_j^T Q / sqrt(D)
     dk = torch.cat(dk_blocks, dim=-2) if dk_blocks else torch.zeros_like(kw)
     dv = torch.cat(dv_blocks, dim=-2) if dv_blocks else torch.zeros_like(vw)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
@@ -102,14 +102,19 @@ def flash_attention_backward(
     """FlashAttention's backward pass as Triton kernels, on (..., L, D) inputs (leading dimensions flattened).
 
     q, out, grad_out (..., L, D); k, v (..., S, D); lse (..., L) float32, natural log (chapter 8's
-    ``flash_attention(..., return_lse=True)``). Three launches: a preprocessing kernel computes
-    D_i = rowsum(dO * O); then one program per block of keys accumulates its dK and dV over all the query
-    blocks that see it, and one program per block of queries accumulates its dQ over the key blocks it
-    sees. Every block of dQ, dK and dV has exactly one writer, so no atomics are needed and the result is
-    deterministic, at the price of computing Q K^T twice. The kernels are compiled on the first call and
-    kept as ``flash_attention_backward.kernels``. Returns (dq, dk, dv) in the dtypes of q, k and v.
+    ``flash_attention(..., return_lse=True)``). A small kernel may first compute
+    delta_i = rowsum(dO * O) (recommended, optional). Then either one program per block of keys accumulates
+    its dK and dV and one program per block of queries its dQ (one writer per block, deterministic), or
+    one program per block of keys also adds its share of dQ with atomics (into a zeroed float32 buffer):
+    your choice, explained in a comment. Inputs may be non-contiguous views and float16. The kernels are
+    compiled on the first call and kept as ``flash_attention_backward.kernels``. Returns (dq, dk, dv) in
+    the dtypes of q, k and v.
     """
     ### BEGIN SOLUTION
+    # Our choice: three launches, a preprocessing kernel for delta_i = rowsum(dO * O), then one program per
+    # key block for dK and dV and one per query block for dQ. Every block of dQ, dK and dV has exactly one
+    # writer, so no atomics are needed and the result is deterministic, at the price of computing Q K^T
+    # (and dO V^T) twice: seven products per tile instead of five.
     kernels = getattr(flash_attention_backward, "kernels", None)
     if kernels is None:
 
@@ -279,9 +284,10 @@ def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_splits: 
 
     q (B, H, 1, D) the new token's queries; k, v (B, H_kv, S, D) the cached keys and values, H_kv dividing
     H: query head h reads key/value head h // (H / H_kv) (grouped-query attention, without copying K or
-    V per query head). The S keys are cut into ``num_splits`` consecutive chunks (as equal as possible;
-    some are empty when num_splits > S); each chunk gives a partial output and its logsumexp, and the
-    partial results are merged exactly. Returns (B, H, 1, D) in q's dtype.
+    V per query head). The S keys are cut into ``num_splits`` consecutive chunks, of ceil(S / num_splits)
+    keys (the last shorter) or as equal as possible (torch.tensor_split): either is accepted; an empty
+    chunk contributes nothing. Each chunk gives a partial output and its logsumexp, and the partial
+    results are merged exactly. Returns (B, H, 1, D) in q's dtype.
     """
     ### BEGIN SOLUTION
     B, H, _, D = q.shape
