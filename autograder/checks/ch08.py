@@ -376,7 +376,9 @@ def _fail(label: str, what: str, got: np.ndarray, expected: np.ndarray, atol: fl
     if T._tuple(got.shape) != T._tuple(expected.shape):
         first = f"{label}: the {what} should have shape {T._tuple(expected.shape)}, got {T._tuple(got.shape)}."
     else:
-        first = f"{label}: the {what} {is_or_are(what)} wrong (largest error {max_error(got, expected):.3g}, tolerance {atol:.2g})."
+        first = (
+            f"{label}: the {what} {is_or_are(what)} wrong (largest error {max_error(got, expected):.3g}, tolerance {atol:.2g})."
+        )
     lines = [first, f"  expected: {show(expected)}", f"  got:      {show(got)}"]
     if not T.np_isfinite(got).all() and T.np_isfinite(expected).all():
         lines.append("  Your result contains NaN or inf where the correct one is finite.")
