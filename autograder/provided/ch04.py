@@ -12,6 +12,12 @@ import torch.nn.functional as F
 
 
 class MultiHeadAttention(nn.Module):
+    """A drop-in for ``nn.MultiheadAttention(embed_dim, num_heads, dropout, bias=bias, batch_first=True)``.
+
+    Same parameters (``in_proj_weight`` (3E, E), ``in_proj_bias`` (3E), ``out_proj``), same call and mask
+    semantics (bool True = may not attend, float masks added); a query whose keys are all masked gets zeros.
+    """
+
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True):
         super().__init__()
         self.embed_dim, self.num_heads, self.dropout = embed_dim, num_heads, dropout
