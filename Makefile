@@ -36,7 +36,7 @@ release: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
-# GPU benchmark (chapters 7 and 8): a Python with CUDA PyTorch and triton and this package installed
+# GPU benchmark (chapters 7, 8 and 9): a Python with CUDA PyTorch and triton and this package installed
 # (with .venv's CPU wheel only the correctness gate runs). BENCH_ARGS=--quick for a smoke run.
 BENCH_PYTHON ?= python3
 bench:
