@@ -354,3 +354,68 @@ def test_training_step_runs_where_the_weights_do_not_fit():
     lines = result.stdout.splitlines()
     assert lines[0] == "flash True", lines
     assert lines[1].startswith("autograd failed:") and "alloc" in lines[1], lines[1]
+
+
+AOT_COMPILE_BACKWARD = """
+import ast, os, sys, textwrap, warnings
+os.environ.pop("TRITON_INTERPRET", None)     # compile for a GPU, although this machine may have none
+warnings.filterwarnings("ignore")
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+# The kernels are nested in flash_attention_backward (built on its first call): read them from the module's source.
+source = open({path!r}).read()
+names = ("preprocess", "dkdv_kernel", "dq_kernel")
+nodes = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef) and n.name in names]
+assert sorted(n.name for n in nodes) == sorted(names), [n.name for n in nodes]
+lines = source.splitlines()
+text = "\\n\\n".join(textwrap.dedent("\\n".join(lines[min(d.lineno for d in n.decorator_list) - 1 : n.end_lineno]))
+                     for n in nodes)
+with open({module!r}, "w") as f:
+    f.write("import triton\\nimport triton.language as tl\\n\\n\\n" + text + "\\n")
+sys.path.insert(0, os.path.dirname({module!r}))
+import backward_kernels as bk
+
+FLOAT32 = ("LSE", "Delta", "scale")
+for dtype, d, causal, (block_m, block_n, warps, stages) in (
+    ("bf16", 128, True, (64, 64, 8, 2)), ("fp16", 64, False, (64, 64, 4, 2)), ("fp32", 128, True, (32, 32, 8, 2))
+):
+    for fn in (bk.preprocess, bk.dkdv_kernel, bk.dq_kernel):
+        arg_names = fn.arg_names
+        sig = {{n: ("fp32" if n == "scale" else "*fp32" if n in FLOAT32 else "i32" if n in ("L", "S") else "*" + dtype)
+               for n in arg_names}}
+        const = {{"D": d, "CAUSAL": causal, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": d,
+                  "FP32_DOT": dtype == "fp32"}}
+        const = {{n: v for n, v in const.items() if n in arg_names}}
+        for n in const:
+            sig[n] = "constexpr"
+        aligned = {{(arg_names.index(n),): [["tt.divisibility", 16]] for n in arg_names if sig[n].startswith("*")}}
+        kernel = triton.compile(ASTSource(fn, sig, const, aligned), target=GPUTarget("cuda", 90, 32),
+                                options={{"num_warps": warps, "num_stages": stages}})
+        print(fn.__name__, dtype, d, causal, kernel.metadata.shared, len(kernel.asm["cubin"]))
+"""
+
+
+@pytest.mark.slow
+def test_backward_kernels_compile_for_hopper_without_a_gpu(tmp_path):
+    """Triton compiles the three backward kernels ahead of time for sm_90 (H100/H200) with its bundled ptxas, at the
+    GPU tile sizes flash_attention_backward uses, for bfloat16, float16 and float32, causal and not: the GPU path (the
+    dtype casts before tl.dot included, which the interpreter does not check) is well-formed and fits in shared memory."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this Triton wheel has no bundled ptxas (the sm_90 compile toolchain)")
+    script = AOT_COMPILE_BACKWARD.format(path=str(CHAPTER.solutions_module), module=str(tmp_path / "backward_kernels.py"))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split() for line in result.stdout.splitlines()]
+    assert len(rows) == 9, result.stdout
+    for name, dtype, d, causal, shared, cubin in rows:
+        assert int(shared) <= 227 * 1024, f"{name} {dtype} D={d} causal={causal}: {shared} bytes of shared memory"
+        assert int(cubin) > 0
