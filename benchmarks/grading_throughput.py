@@ -180,23 +180,13 @@ class LocalCluster:
         """Exactly ``n`` worker processes, registered with the scheduler."""
         from distributed import Client
 
+        from autograder.grading.distributed import worker_args
+
         while len(self.workers) > n:
             os.killpg(self.workers.pop().pid, signal.SIGTERM)
         while len(self.workers) < n:
             name = f"w{len(self.workers) + 1}"
-            args = [
-                "worker",
-                self.address,
-                "--name",
-                name,
-                "--nthreads",
-                "1",
-                "--memory-limit",
-                "0",
-                "--no-dashboard",
-                "--preload",
-                "autograder.grading.distributed",
-            ]
+            args = worker_args(self.address, name)
             self.workers.append(self._spawn(args))
         with Client(self.address, timeout=30, set_as_default=False) as client:
             deadline = time.monotonic() + 120

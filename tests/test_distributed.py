@@ -37,6 +37,7 @@ from hostile.catalogue import CH, WRONG_SOFTMAX, release_notebook, solved
 
 from autograder.course import ROOT, find_chapter
 from autograder.grading import gradebook
+from autograder.grading.distributed import worker_args
 
 CHAPTER = find_chapter(CH)
 BWRAP = shutil.which("bwrap")
@@ -178,19 +179,7 @@ class Cluster:
             self._start_worker(name)
 
     def _start_worker(self, name: str) -> None:
-        args = [
-            "worker",
-            self.address,
-            "--name",
-            name,
-            "--nthreads",
-            "1",
-            "--memory-limit",
-            "0",
-            "--no-dashboard",
-            "--preload",
-            "autograder.grading.distributed",
-        ]
+        args = worker_args(self.address, name)
         self.workers[name] = self._spawn(args, f"{name}.log")
         self.starts[name] = self.starts.get(name, 0) + 1
 

@@ -52,6 +52,12 @@ class WorkerUnfit(RuntimeError):
 # -- the client ------------------------------------------------------------------------
 
 
+def worker_args(scheduler: str, name: str) -> list[str]:
+    """``dask`` arguments for one grading worker process: one thread, no memory limit, the grader preloaded."""
+    return ["worker", scheduler, "--name", name, "--nthreads", "1", "--memory-limit", "0", "--no-dashboard",
+            "--preload", "autograder.grading.distributed"]  # fmt: skip
+
+
 def worker_config(opts: Options) -> dict:
     """What every task carries besides its submission: options and the chapters' notebooks.
 
