@@ -510,37 +510,31 @@ def run_layers(sweep: Sweep, device: torch.device, record: Callable[[list[dict]]
         free_memory()
 
 
-def run_kernels(sweep: Sweep, device: torch.device, record: Callable[[list[dict]], None]) -> None:
+# The two suites on q, k, v (B, H, N, D): how each builds its implementations and gates them, how it labels
+# its output, how many random tensors a call takes (q, k, v, and the output gradient for training), its FLOPs
+# mode, and the implementations its rows are compared with.
+ATTENTION_SUITES = {
+    "kernels": (kernel_impls, gate_kernels, "kernels", 3, "fwd", ("sdpa:default",)),
+    "training": (training_impls, gate_training, "training (forward + backward)", 4, "fwd+bwd", am.TRAINING_IMPLS[1:]),
+}
+
+
+def run_attention_suite(suite: str, sweep: Sweep, device: torch.device, record: Callable[[list[dict]], None]) -> None:
+    """One of ATTENTION_SUITES at the kernels' shapes: the gate first, then the timings."""
+    make_impls, gate, label, n_inputs, mode, baselines = ATTENTION_SUITES[suite]
     for head_dim in sweep.kernel_head_dims:
         heads = sweep.kernel_hidden // head_dim
         for causal in sweep.kernel_causal:
-            impls = kernel_impls(causal)
-            g = GPU_GATE["kernels"]
-            verdicts = gate_kernels(impls, (g["batch"], g["heads"], g["seq_len"], head_dim), causal, device)
-            _print_gate(f"kernels D={head_dim} causal={causal}", verdicts)
+            impls = make_impls(causal)
+            g = GPU_GATE[suite]
+            verdicts = gate(impls, (g["batch"], g["heads"], g["seq_len"], head_dim), causal, device)
+            _print_gate(f"{label} D={head_dim} causal={causal}", verdicts)
             for length in sweep.kernel_lengths:
                 batch = max(1, sweep.tokens // length)
                 shape = (batch, heads, length, head_dim, causal)
-                inputs = lambda shape=shape: tuple(torch.randn(shape[:4], device=device, dtype=DTYPE) for _ in range(3))
-                flops = am.attention_flops(batch, heads, length, length, head_dim, causal)
-                record(run_point("kernels", shape, impls, verdicts, inputs, flops, sweep, ("sdpa:default",)))
-
-
-def run_training(sweep: Sweep, device: torch.device, record: Callable[[list[dict]], None]) -> None:
-    """Forward + backward at the kernels' shapes; the gate first (gradients), then the timings."""
-    for head_dim in sweep.kernel_head_dims:
-        heads = sweep.kernel_hidden // head_dim
-        for causal in sweep.kernel_causal:
-            impls = training_impls(causal)
-            g = GPU_GATE["training"]
-            verdicts = gate_training(impls, (g["batch"], g["heads"], g["seq_len"], head_dim), causal, device)
-            _print_gate(f"training (forward + backward) D={head_dim} causal={causal}", verdicts)
-            for length in sweep.kernel_lengths:
-                batch = max(1, sweep.tokens // length)
-                shape = (batch, heads, length, head_dim, causal)
-                inputs = lambda shape=shape: tuple(torch.randn(shape[:4], device=device, dtype=DTYPE) for _ in range(4))
-                flops = am.attention_flops(batch, heads, length, length, head_dim, causal, mode="fwd+bwd")
-                record(run_point("training", shape, impls, verdicts, inputs, flops, sweep, am.TRAINING_IMPLS[1:]))
+                inputs = lambda shape=shape: tuple(torch.randn(shape[:4], device=device, dtype=DTYPE) for _ in range(n_inputs))
+                flops = am.attention_flops(batch, heads, length, length, head_dim, causal, mode=mode)
+                record(run_point(suite, shape, impls, verdicts, inputs, flops, sweep, baselines))
 
 
 def run_point(
@@ -688,39 +682,25 @@ def cpu_gate(suites: list[str]) -> int:
         verdicts = gate_layers(layer_impls(copy.deepcopy(mha32).to(DTYPE)), mha32, g["batch"], g["seq_len"])
         _print_gate(f"layers on the CPU, bf16, E={g['embed_dim']} H={g['heads']} B={g['batch']} L={g['seq_len']}", verdicts)
         wrong |= any(v[0] == "wrong" for name, v in verdicts.items() if name in COURSE_IMPLS)
-    if "kernels" in suites:
-        g = CPU_GATE["kernels"]
+    for suite, (make_impls, gate, label, _, _, _) in ATTENTION_SUITES.items():
+        if suite not in suites:
+            continue
+        g = CPU_GATE[suite]
         shape = (g["batch"], g["heads"], g["seq_len"], g["head_dim"])
         for causal in (False, True):
-            impls = kernel_impls(causal)
+            impls = make_impls(causal)
             triton_impl = impls.pop("triton")
-            verdicts = gate_kernels(impls, shape, causal, torch.device("cpu"))
+            verdicts = gate(impls, shape, causal, torch.device("cpu"))
             if isinstance(triton_impl, str):
                 verdicts["triton"] = ("unsupported", triton_impl)
             else:  # bf16 tl.dot is wrong under the interpreter: gate the kernel in float32 instead
-                verdicts["triton"] = gate_kernels({"triton": triton_impl}, shape, causal, torch.device("cpu"), torch.float32)[
-                    "triton"
-                ]
+                status, note = gate({"triton": triton_impl}, shape, causal, torch.device("cpu"), torch.float32)["triton"]
                 verdicts["triton"] = (
-                    verdicts["triton"][0],
-                    verdicts["triton"][1]
+                    status,
+                    note
                     + " [float32 under TRITON_INTERPRET=1; bf16 skipped on the CPU: the interpreter's bf16 tl.dot gives wrong results]",
                 )
-            _print_gate(f"kernels on the CPU, bf16, B,H,N,D={shape} causal={causal}", verdicts)
-            wrong |= any(v[0] == "wrong" for name, v in verdicts.items() if name in COURSE_IMPLS)
-    if "training" in suites:
-        g = CPU_GATE["training"]
-        shape = (g["batch"], g["heads"], g["seq_len"], g["head_dim"])
-        for causal in (False, True):
-            impls = training_impls(causal)
-            triton_impl = impls.pop("triton")
-            verdicts = gate_training(impls, shape, causal, torch.device("cpu"))
-            if isinstance(triton_impl, str):
-                verdicts["triton"] = ("unsupported", triton_impl)
-            else:  # bf16 tl.dot is wrong under the interpreter: gate the kernels in float32 instead
-                status, note = gate_training({"triton": triton_impl}, shape, causal, torch.device("cpu"), torch.float32)["triton"]
-                verdicts["triton"] = (status, note + " [float32 under TRITON_INTERPRET=1; bf16 skipped on the CPU]")
-            _print_gate(f"training (forward + backward) on the CPU, bf16, B,H,N,D={shape} causal={causal}", verdicts)
+            _print_gate(f"{label} on the CPU, bf16, B,H,N,D={shape} causal={causal}", verdicts)
             wrong |= any(v[0] == "wrong" for name, v in verdicts.items() if name in COURSE_IMPLS)
     print("speed ratios need a CUDA GPU; no timings were taken")
     return 1 if wrong else 0
@@ -788,10 +768,9 @@ def gpu_run(suites: list[str], sweep: Sweep, out_dir: Path, device: torch.device
     with torch.no_grad():
         if "layers" in suites:
             run_layers(sweep, device, record)
-        if "kernels" in suites:
-            run_kernels(sweep, device, record)
-        if "training" in suites:
-            run_training(sweep, device, record)
+        for suite in ATTENTION_SUITES:
+            if suite in suites:
+                run_attention_suite(suite, sweep, device, record)
     info["complete"] = True
     info["wall_seconds"] = round(time.perf_counter() - started, 1)
     record([])
