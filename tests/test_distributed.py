@@ -356,7 +356,9 @@ def test_cluster_grades_like_one_machine(tmp_path, postgres, cluster):
 def test_faults_lose_nothing_and_grade_nothing_twice(tmp_path, postgres, cluster):
     """A worker killed mid-task, a late worker, a restarted scheduler, ``kill -9`` of the command, and a
     submission that kills every worker it touches: one complete, consistent gradebook in the end."""
-    students = {f"s{i}": ("wrong" if i % 2 else "correct") for i in range(5)} | {"toxic": "correct"}
+    # Eight plain submissions: after the fourth result at least four are left, more than two workers can
+    # finish in the moment between the test seeing that result and its kill -9 of the command.
+    students = {f"s{i}": ("wrong" if i % 2 else "correct") for i in range(8)} | {"toxic": "correct"}
     submitted = write_class(tmp_path, students)
     out = tmp_path / "out"
     url = postgres.new_db("faults")
