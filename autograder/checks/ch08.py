@@ -98,6 +98,8 @@ _range = range
 _min = min
 _max = max
 _isinstance = isinstance
+_len = T._len
+_list = T._list
 _getattr = getattr
 _setattr = setattr
 
@@ -432,11 +434,20 @@ class _Recorder(_TorchDispatchMode):
         + ("ones", "ones_like", "new_ones", "full", "full_like", "new_full")
     )
 
+    # Operations that reduce along given axes (their ``dim`` argument), and those that contract their first
+    # operand's last axis (matrix products): :attr:`reduced` collects the sizes of the axes they reduce.
+    _DIM_REDUCTIONS = frozenset(
+        ("amax", "amin", "max", "min", "sum", "nansum", "mean", "prod", "logsumexp", "argmax", "argmin")
+        + ("softmax", "_softmax", "log_softmax", "_log_softmax", "_safe_softmax")
+    )
+    _CONTRACTIONS = {"mm": 0, "bmm": 0, "matmul": 0, "mv": 0, "dot": 0, "vdot": 0, "addmm": 1, "baddbmm": 1, "addbmm": 1}
+
     def __init__(self, guard: bool = False):
         super().__init__()
         self.largest = 0
         self.largest_shape = ()
         self.ops: set = set()
+        self.reduced: set = set()  # sizes of the axes reductions and matrix products ran along
         self.guard = guard
         self.guarded: list = []  # (buffer, margin, span) per guarded allocation
 
@@ -444,6 +455,7 @@ class _Recorder(_TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         name = _str(func)
         self.ops.add(name)
+        self._note_reduction(name.split(".")[1] if name.count(".") >= 1 else name, args, kwargs or {})
         if self.guard and _isinstance(out, T.Tensor) and name.split(".")[1] in self._ALLOCATIONS:
             out = self._guarded(out, fill=name.split(".")[1].startswith(("empty", "new_empty")))
         for leaf in _tree_leaves(out):
@@ -452,6 +464,28 @@ class _Recorder(_TorchDispatchMode):
                 if n > self.largest:
                     self.largest, self.largest_shape = n, T._tuple(R.shape_of(leaf))
         return out
+
+    def _note_reduction(self, base: str, args: tuple, kwargs: dict) -> None:
+        if "scaled_dot_product" in base:  # attention itself reduces along the keys of its second operand
+            if _len(args) > 1 and _isinstance(args[1], T.Tensor) and _len(R.shape_of(args[1])) >= 2:
+                self.reduced.add(_int(R.shape_of(args[1])[-2]))
+            return
+        if base in self._CONTRACTIONS:
+            i = self._CONTRACTIONS[base]
+            if _len(args) > i and _isinstance(args[i], T.Tensor) and _len(R.shape_of(args[i])) >= 1:
+                self.reduced.add(_int(R.shape_of(args[i])[-1]))
+            return
+        if base not in self._DIM_REDUCTIONS or not args or not _isinstance(args[0], T.Tensor):
+            return
+        dims = kwargs.get("dim", args[1] if _len(args) > 1 else None)
+        if _isinstance(dims, _int):
+            dims = (dims,)
+        if not _isinstance(dims, (_list, T._tuple)):
+            return  # a reduction over every element, or max(a, b): not along one axis
+        shape = T._tuple(R.shape_of(args[0]))
+        for d in dims:
+            if _isinstance(d, _int) and -_len(shape) <= d < _len(shape):
+                self.reduced.add(_int(shape[d]))
 
     def _guarded(self, out, fill: bool):
         dtype = R.dtype_of(out)
@@ -557,6 +591,7 @@ def observe_call(fn, guard: bool, count_launches: bool, label: str, *args, **kwa
         "largest": _int(recorder.largest),
         "largest_shape": T._tuple(_int(n) for n in recorder.largest_shape),
         "ops": sorted(_str(op) for op in recorder.ops),
+        "reduced": sorted(recorder.reduced),
         "overrun": _int(recorder.overrun()) if guard else 0,
         "unwritten": unwritten[0],
         "unwritten_lse": unwritten[1],

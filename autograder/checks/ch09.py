@@ -185,6 +185,11 @@ COPIED_KV = (
     "(B, H_kv, H / H_kv, D) instead"
 )
 DECODE_SCALE = "did not scale the scores by 1/sqrt(D)."
+IGNORED_SPLITS = (
+    "ignored num_splits: it reduced over all S keys at once (a softmax, max, sum or matrix product along the whole "
+    "key axis). Split-KV decoding cuts the keys into num_splits chunks that each reduce only over their own keys "
+    "(so they can run in parallel), then merges the chunks' outputs by their logsumexp"
+)
 NO_TRITON_FORWARD = (
     "no Triton kernel ran in the forward: use chapter 8's flash_attention(q, k, v, causal=causal, return_lse=True)"
 )
@@ -951,6 +956,8 @@ def _check_decode(fn, q, k, v, num_splits: int, *, dtype, note: str = "", memory
     for nm, t, b in _zip(("q", "k", "v"), (qt, kt, vt), before, strict=True):
         if not R.t_equal(t, b):
             raise CheckFailure(f"{label}: flash_decode changed its input {nm} in place.")
+    if num_splits > 1 and S in _split_free_sizes(q.shape, k.shape, num_splits, run):
+        raise CheckFailure(f"{label}: {IGNORED_SPLITS} (here S = {S}, chunks of at most {-(-S // num_splits)} keys).")
     copies = [op for op in run["ops"] if op.split(".")[1] in ("repeat_interleave", "repeat")] if H != H_kv else []
     chunk = -(-S // num_splits)
     if memory and (copies or run["largest"] >= B * H * chunk * d):
@@ -958,6 +965,22 @@ def _check_decode(fn, q, k, v, num_splits: int, *, dtype, note: str = "", memory
             f"{label}: {COPIED_KV} (the call ran {', '.join(copies) or 'no repeat'}; its largest tensor had "
             f"{run['largest']} elements, shape {run['largest_shape']}, as many as K expanded to all {H} query heads)."
         )
+
+
+def _split_free_sizes(q_shape, k_shape, num_splits: int, run: dict) -> set:
+    """The sizes of the axes ``run`` reduced along that no split decoding has to reduce along.
+
+    A split reduces over its own keys (ceil(S / n), floor(S / n), the shorter last chunk), the combine over the
+    splits, the products over D; the rest is left only when no such size equals S.
+    """
+    reduced = run.get("reduced")
+    if T._type(reduced) is not T._list or not all(T._type(n) is _int for n in reduced):
+        raise CheckFailure("flash_decode: the watched call's report is malformed.")
+    B, H, _, d = q_shape
+    H_kv, S = k_shape[1], k_shape[2]
+    ceil, floor = -(-S // num_splits), S // num_splits
+    legit = {1, B, H, H_kv, H // H_kv, d, num_splits, ceil, floor, floor + 1, S - (num_splits - 1) * ceil, -(-S // ceil)}
+    return set() if S in legit else {n for n in reduced if n not in legit}
 
 
 def _decode_inputs(rng, B: int, H: int, H_kv: int, S: int, d: int, dtype, scale: float = 1.0):

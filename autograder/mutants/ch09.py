@@ -408,6 +408,32 @@ def flash_attention_backward(q, k, v, out, lse, grad_out, causal=False):
         ),
     ),
     Mutant(FD, "unscaled_scores", "did not scale the scores", edit(DEC, ("kc.to(ft)) / math.sqrt(D)", "kc.to(ft))"))),
+    Mutant(
+        FD,
+        "one_split_whatever_num_splits",
+        "ignored num_splits",
+        edit(
+            DEC,
+            (
+                "zip(torch.tensor_split(k, num_splits, dim=2), torch.tensor_split(v, num_splits, dim=2))",
+                "zip(torch.tensor_split(k, 1, dim=2), torch.tensor_split(v, 1, dim=2))",
+            ),
+        ),
+    ),
+    Mutant(
+        FD,
+        "one_softmax_over_all_keys",
+        "ignored num_splits",
+        edit(
+            DEC,
+            (
+                "    parts, lses = [], []\n",
+                "    s = torch.einsum('bgqd,bgsd->bgqs', qg, k.to(ft)) / math.sqrt(D)\n"
+                "    return (torch.softmax(s, dim=-1) @ v.to(ft)).reshape(B, H, 1, D).to(q.dtype)\n"
+                "    parts, lses = [], []\n",
+            ),
+        ),
+    ),
 ]
 
 # Mistakes that passed every check until the checks below were added (a review with wrong implementations written
