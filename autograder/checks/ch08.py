@@ -455,9 +455,10 @@ class _Recorder(_TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         name = _str(func)
         self.ops.add(name)
-        self._note_reduction(name.split(".")[1] if name.count(".") >= 1 else name, args, kwargs or {})
-        if self.guard and _isinstance(out, T.Tensor) and name.split(".")[1] in self._ALLOCATIONS:
-            out = self._guarded(out, fill=name.split(".")[1].startswith(("empty", "new_empty")))
+        base = name.split(".")[1] if name.count(".") >= 1 else name
+        self._note_reduction(base, args, kwargs or {})
+        if self.guard and _isinstance(out, T.Tensor) and base in self._ALLOCATIONS:
+            out = self._guarded(out, fill=base.startswith(("empty", "new_empty")))
         for leaf in _tree_leaves(out):
             if _isinstance(leaf, T.Tensor):
                 n = _numel(leaf)
